@@ -1,0 +1,46 @@
+# guardstream: the two commands a user needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+EXTRAS ?= dev
+
+.PHONY: install run test lint typecheck pytest up down status schemas clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	@touch $(STAMP)
+
+## run: start local Kafka and Redis, then the guardstream worker (replay engine over the shared
+## GuardReasoner outputs unless GUARDSTREAM_ENGINE says otherwise). Ctrl-C stops the worker.
+run: install
+	deploy/local/install-prereqs
+	deploy/local/up
+	GUARDSTREAM_ENGINE=$${GUARDSTREAM_ENGINE:-replay} $(BIN)/guardstream serve
+
+## test: lint, type-check and the whole test suite against a real local Kafka and Redis; stops
+## what it started.
+test: install
+	deploy/local/install-prereqs
+	$(BIN)/ruff check schemas engine service bench tests
+	$(BIN)/mypy
+	deploy/local/with-services $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+up:
+	deploy/local/install-prereqs
+	deploy/local/up
+down:
+	deploy/local/down
+status:
+	deploy/local/status
+
+schemas: install
+	$(BIN)/guardstream schemas export schemas/json
+
+clean:
+	deploy/local/down --clean
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,53 @@
+"""The one protocol every model backend speaks.
+
+A backend turns complete model inputs (prompt strings, GuardReasoner's format, built by
+`engine.prompt`) into generated text. It knows tokens and devices; it knows nothing of
+requests, futures, caching or Kafka (the guard and the batcher do). Each backend lives in its
+own module and imports its heavy library lazily, in `start()`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+class BackendError(Exception):
+    """The backend could not produce output for a whole batch (the guard retries, then applies
+    the failure policy)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """The generated text for one input. `finish_reason="length"` means cut at max_new_tokens;
+    `"error"` means this one input failed (`error` says why) while the rest of the batch ran."""
+
+    text: str
+    tokens: int | None = None
+    finish_reason: FinishReason = "stop"
+    error: str | None = None
+
+
+class Backend(abc.ABC):
+    """Base class of the backends: `replay`, `hf`, `trtllm`, `openai_http`."""
+
+    #: Short engine name, as in GUARDSTREAM_ENGINE.
+    name: str = "base"
+
+    def __init__(self, model_id: str, revision: str) -> None:
+        self.model_id = model_id
+        self.revision = revision
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Load the model (may take long). Called once before the first `generate`."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the model and any connections."""
+
+    @abc.abstractmethod
+    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        """Generate greedily for every input; return one Generation per input, in order."""

@@ -1,0 +1,1 @@
+"""guardstream's service layer: the Faust app, agents, publishing, config, telemetry, CLI."""

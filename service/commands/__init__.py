@@ -1,0 +1,1 @@
+"""Subcommands of the `guardstream` CLI, one module each with `register(subparsers)`."""

@@ -41,8 +41,8 @@ class DecodeError(Exception):
 def _diagnose(raw: bytes, exc: ValidationError) -> DecodeError:
     try:
         raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return DecodeError("not_utf8", f"value is not UTF-8 (byte {err.start})")
+    except UnicodeDecodeError as bad:
+        return DecodeError("not_utf8", f"value is not UTF-8 (byte {bad.start})")
     first = exc.errors(include_url=False)[0]
     if first["type"] == "json_invalid":
         return DecodeError("not_json", f"value is not JSON: {first['msg']}")
@@ -63,7 +63,8 @@ def decode_event(raw: bytes | None, cls: type[E], limits: InputLimits) -> E:
         raise DecodeError("invalid", "message has no value (tombstone)")
     if len(raw) > limits.max_message_bytes:
         raise DecodeError(
-            "too_large", f"message is {len(raw)} bytes, over the limit of {limits.max_message_bytes}"
+            "too_large",
+            f"message is {len(raw)} bytes, over the limit of {limits.max_message_bytes}",
         )
     try:
         event = cls.model_validate_json(raw)

@@ -10,6 +10,9 @@ from collections.abc import Sequence
 #: Subcommand modules under service/commands, each with `register(subparsers)`.
 COMMANDS = [
     "schemas_cmd",
+    "evaluate_cmd",
+    "engine_cmd",
+    "serve_cmd",
 ]
 
 

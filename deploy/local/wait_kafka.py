@@ -7,6 +7,7 @@ Kafka ApiVersions request over TCP, so that `deploy/local/up` also works before 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 import sys
@@ -55,6 +56,7 @@ def probe(bootstrap: str) -> int:
 
 def main() -> int:
     bootstrap, timeout = sys.argv[1], float(sys.argv[2])
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # refusals are expected at first
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:

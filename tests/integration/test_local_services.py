@@ -26,7 +26,9 @@ async def test_kafka_produce_and_consume_round_trip(kafka_bootstrap: str, unique
     try:
         sent = {}
         for i in range(20):
-            md = await producer.send_and_wait(topic, f"value-{i}".encode(), key=f"k{i % 4}".encode())
+            md = await producer.send_and_wait(
+                topic, f"value-{i}".encode(), key=f"k{i % 4}".encode()
+            )
             sent[f"value-{i}"] = (md.partition, md.offset)
     finally:
         await producer.stop()

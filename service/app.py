@@ -1,0 +1,147 @@
+"""The Faust app: topics, the prompt table, two small agents, health pages.
+
+The agents are plain `async for` loops over manually-acked streams; what happens to each message
+lives in `service.pipeline.Processor`, and the in-order publish-then-ack in `service.lanes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import faust
+
+from engine.guard import Guard
+from service.config import Settings
+from service.kafka import faust_credentials
+from service.messages import Outgoing
+from service.pairing import PromptStore
+from service.pipeline import Processor
+
+log = logging.getLogger("guardstream.app")
+
+
+class Runtime:
+    """A configured worker: the Faust app plus the guard and the processor it drives."""
+
+    def __init__(self, settings: Settings, guard: Guard, *, partitions: int) -> None:
+        self.settings = settings
+        self.guard = guard
+        self.started = asyncio.Event()
+        self.app = faust.App(
+            settings.app_id,
+            broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap_servers.split(",")],
+            broker_credentials=faust_credentials(settings),
+            store="memory://",
+            topic_partitions=partitions,
+            topic_replication_factor=1,
+            processing_guarantee=settings.processing_guarantee,
+            consumer_auto_offset_reset="earliest",
+            producer_acks=-1,
+            producer_linger_ms=5,
+            stream_wait_empty=True,
+            web_enabled=True,
+            web_host=settings.web_host,
+            web_port=settings.web_port,
+            web_in_thread=False,
+            table_cleanup_interval=60.0,
+            broker_commit_interval=1.0,
+            worker_redirect_stdouts=False,
+        )
+        raw = {
+            "key_type": bytes,
+            "value_type": bytes,
+            "key_serializer": "raw",
+            "value_serializer": "raw",
+        }
+        self.prompts_topic = self.app.topic(settings.topic_prompts, **raw)
+        self.responses_topic = self.app.topic(settings.topic_responses, **raw)
+        self._out = {
+            name: self.app.topic(name, **raw)
+            for name in (settings.topic_verdicts, settings.topic_flagged, settings.topic_dlq)
+        }
+        self.table = self.app.Table(
+            "recent-prompts",
+            partitions=partitions,
+            key_type=str,
+            value_type=dict,
+            key_serializer="json",
+            value_serializer="json",
+        )
+        self.store = PromptStore(
+            self.table.data,
+            self._changelog,
+            ttl_s=settings.prompt_table_ttl_s,
+            max_entries=settings.prompt_table_max,
+        )
+        self.processor = Processor(
+            settings, guard, self.store, self._send, engine_name=guard.backend.name
+        )
+        self._wire()
+
+    def _changelog(self, partition: int, key: str, value: dict[str, Any] | None) -> None:
+        if value is None:
+            self.table.send_changelog(partition, key, None, value_serializer="raw")
+        else:
+            self.table.send_changelog(partition, key, value)
+
+    async def _send(self, rec: Outgoing) -> Any:
+        topic = self._out[rec.topic]
+        return await topic.send(key=rec.key, value=rec.value, headers=list(rec.headers))
+
+    def _wire(self) -> None:
+        app, settings, processor = self.app, self.settings, self.processor
+
+        @app.task
+        async def start_guard() -> None:
+            await self.guard.start()
+            self.started.set()
+            log.info(
+                "guard ready: engine=%s model=%s revision=%s",
+                self.guard.backend.name,
+                self.guard.model_id,
+                self.guard.revision,
+            )
+
+        @app.agent(self.prompts_topic, name="guardstream.prompts")
+        async def prompts(stream: Any) -> None:
+            manual = stream.noack()
+            await self.started.wait()
+            async for event in manual.events():
+                await processor.on_prompt(event, manual.ack)
+
+        @app.agent(self.responses_topic, name="guardstream.responses")
+        async def responses(stream: Any) -> None:
+            manual = stream.noack()
+            await self.started.wait()
+            async for event in manual.events():
+                await processor.on_response(event, manual.ack)
+
+        @app.timer(interval=30.0)
+        async def sweep_prompts() -> None:
+            dropped = self.store.sweep()
+            if dropped:
+                log.info("dropped %d expired prompts from the pairing table", dropped)
+
+        @app.page("/healthz")
+        async def healthz(web: Any, request: Any) -> Any:
+            return web.json({"status": "ok"})
+
+        @app.page("/readyz")
+        async def readyz(web: Any, request: Any) -> Any:
+            checks = self.readiness()
+            return web.json(checks, status=200 if all(checks.values()) else 503)
+
+        @app.on_before_shutdown.connect
+        async def drain(sender: Any, **kwargs: Any) -> None:
+            grace = settings.grace_period_s
+            done = await processor.close(timeout=grace * 0.8)
+            await self.guard.close(drain=done, timeout=grace * 0.1)
+            log.info("shutdown: in-flight verdicts %s", "published" if done else "abandoned")
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "engine_loaded": self.started.is_set(),
+            "kafka_assigned": bool(self.app.consumer.assignment()) and not self.app.rebalancing,
+        }

@@ -1,0 +1,133 @@
+"""`guardstream evaluate`: F1 per benchmark and the paper's three tables.
+
+With the replay engine each benchmark is evaluated against its own prediction file in the
+`--replay` folder (the two XSTest files share inputs with different outputs, so they are never
+mixed); its samples come from the benchmark file when `--benchmarks` is given, else from the
+prediction file itself. Benchmarks without a prediction file are skipped with a note on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engine.backends.replay import ReplayBackend
+from engine.evaluation import (
+    BENCHMARKS,
+    TABLES,
+    Benchmark,
+    BenchmarkResult,
+    Rule,
+    Sample,
+    Scoring,
+    backend_generate,
+    evaluate,
+    load_benchmark_samples,
+    load_prediction_samples,
+    weighted_average,
+)
+
+ENGINES = ("replay",)
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("evaluate", help="F1 on the GuardReasoner benchmarks")
+    p.add_argument("--engine", choices=ENGINES, default="replay")
+    p.add_argument("--replay", type=Path, help="folder of recorded predictions ({name}.jsonl)")
+    p.add_argument("--benchmarks", type=Path, help="folder of benchmark files (0_0_*.json ...)")
+    p.add_argument(
+        "--rule",
+        choices=("project", "reference"),
+        default="project",
+        help="project: engine.parser.parse; reference: the paper's rule",
+    )
+    p.add_argument(
+        "--scoring",
+        choices=("honest", "paper"),
+        help="how an unread output counts (default: paper for the reference rule, "
+        "honest for the project rule)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print a JSON list of rows instead")
+    p.add_argument("--model-size-label", help="shown in the tables (default: --replay's name)")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.engine == "replay" and args.replay is None:
+        print("evaluate: --replay DIR is required with --engine replay", file=sys.stderr)
+        return 2
+    results = asyncio.run(_evaluate_all(args))
+    if args.json:
+        print(json.dumps([r.row() for r in results], indent=2))
+    else:
+        label = args.model_size_label or (args.replay.name if args.replay else "model")
+        print(format_tables(results, f"GuardReasoner {label} ({args.engine}, rule: {args.rule})"))
+    return 0
+
+
+async def _evaluate_all(args: argparse.Namespace) -> list[BenchmarkResult]:
+    rule: Rule = args.rule
+    scoring: Scoring | None = args.scoring
+    results = []
+    for benchmark in BENCHMARKS:
+        prediction = args.replay / f"{benchmark.name}.jsonl" if args.replay else None
+        if prediction is None or not prediction.is_file():
+            print(
+                f"note: no predictions for {benchmark.name} in {args.replay}; skipped",
+                file=sys.stderr,
+            )
+            continue
+        samples = _samples(benchmark, prediction, args.benchmarks)
+        generate = backend_generate(ReplayBackend(prediction), args.max_new_tokens)
+        with tqdm(total=len(samples), desc=benchmark.name, file=sys.stderr, unit="sample") as bar:
+            results.append(
+                await evaluate(
+                    benchmark,
+                    samples,
+                    generate,
+                    rule=rule,
+                    scoring=scoring,
+                    batch_size=args.batch_size,
+                    on_progress=_advance(bar),
+                )
+            )
+    return results
+
+
+def _samples(benchmark: Benchmark, prediction: Path, benchmarks: Path | None) -> list[Sample]:
+    if benchmarks is None:
+        return load_prediction_samples(prediction, benchmark)
+    return load_benchmark_samples(benchmarks / benchmark.file, benchmark)
+
+
+def _advance(bar: tqdm[object]) -> Callable[[int], None]:
+    def advance(n: int) -> None:
+        bar.update(n)
+
+    return advance
+
+
+def format_tables(results: list[BenchmarkResult], title: str) -> str:
+    """The paper's three tables: F1 per benchmark and the weighted average."""
+    lines = [title]
+    for table in TABLES:
+        rows = [r for r in results if r.benchmark.table == table]
+        if not rows:
+            continue
+        lines += ["", table, f"{'benchmark':<24}{'samples':>9}{'unparsed':>10}{'F1':>9}"]
+        for r in rows:
+            s = r.score
+            lines.append(f"{r.benchmark.name:<24}{s.samples:>9}{s.unparsed:>10}{s.f1:>9.2f}")
+        average = weighted_average(rows)
+        total = sum(r.score.samples for r in rows)
+        if average is not None:
+            lines.append(f"{'weighted average':<24}{total:>9}{'':>10}{average:>9.2f}")
+    return "\n".join(lines)

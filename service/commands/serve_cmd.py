@@ -1,0 +1,82 @@
+"""`guardstream serve`: the Faust worker that moderates the chat topics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+import faust
+
+from service.config import Settings, SettingsError
+
+log = logging.getLogger("guardstream.serve")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the moderation worker (settings: GUARDSTREAM_* env)")
+    p.set_defaults(func=_serve)
+
+
+class _Worker(faust.Worker):  # type: ignore[misc]
+    """Faust's worker with a hard deadline on graceful shutdown: if stopping takes longer than
+    the grace period (a hung engine, an unreachable broker), the process exits; nothing it had
+    not committed is lost, it is re-read by the next worker."""
+
+    grace_period_s: float = 30.0
+
+    def _on_sigterm(self) -> None:
+        self._arm_deadline()
+        super()._on_sigterm()
+
+    def _on_sigint(self) -> None:
+        self._arm_deadline()
+        super()._on_sigint()
+
+    def _arm_deadline(self) -> None:
+        def expire() -> None:
+            sys.stderr.write(
+                f"guardstream: graceful shutdown exceeded {self.grace_period_s:.0f}s; exiting\n"
+            )
+            os._exit(3)
+
+        timer = threading.Timer(self.grace_period_s, expire)
+        timer.daemon = True
+        timer.start()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = Settings.from_env()
+    except SettingsError as err:
+        print(f"guardstream: {err}", file=sys.stderr)
+        return 2
+    return run_worker(settings)
+
+
+def run_worker(settings: Settings, **runtime_kwargs: Any) -> int:
+    from service.app import Runtime
+    from service.factory import build_guard
+    from service.kafka import ensure_topics
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        partitions = loop.run_until_complete(ensure_topics(settings))
+    except Exception as exc:  # noqa: BLE001 - say what failed and stop
+        print(
+            f"guardstream: cannot reach Kafka at {settings.kafka_bootstrap_servers} "
+            f"(GUARDSTREAM_KAFKA_BOOTSTRAP_SERVERS): {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    guard = build_guard(settings)
+    runtime = Runtime(settings, guard, partitions=partitions, **runtime_kwargs)
+    worker = _Worker(runtime.app, loglevel=settings.log_level, loop=loop)
+    worker.grace_period_s = settings.grace_period_s
+    worker.execute_from_commandline()
+    return 0

@@ -1,0 +1,81 @@
+"""Builds the engine's parts from `Settings`: backend, cache, guard."""
+
+from __future__ import annotations
+
+from engine.backends.base import Backend
+from engine.cache import RedisVerdictCache, VerdictCache
+from engine.guard import BatchHook, Guard
+from service.config import Settings
+
+
+def build_backend(settings: Settings) -> Backend:
+    """The configured backend; heavy libraries are imported by the backend's own module."""
+    revision = settings.model_revision
+    if settings.engine == "replay":
+        from engine.backends.replay import ReplayBackend
+
+        assert settings.replay_path is not None
+        return ReplayBackend(settings.replay_path, model_id=settings.model, revision=revision)
+    if settings.engine == "hf":
+        from engine.backends.hf import HfBackend
+
+        assert settings.hf_model_path is not None
+        return HfBackend(
+            settings.hf_model_path,
+            model_id=settings.model,
+            revision=revision,
+            device=settings.hf_device,
+            max_batch_size=settings.batch_max_size,
+        )
+    if settings.engine == "openai_http":
+        from engine.backends.openai_http import OpenAIHttpBackend
+
+        assert settings.openai_base_url is not None
+        key = settings.openai_api_key
+        return OpenAIHttpBackend(
+            settings.openai_base_url,
+            settings.model,
+            revision or "server",
+            api_key=key.get_secret_value() if key else None,
+            max_concurrency=settings.openai_max_concurrency,
+            timeout_s=settings.engine_timeout_s,
+        )
+    from engine.backends.trtllm import TrtllmBackend
+
+    return TrtllmBackend(
+        settings.model,
+        revision or "engine",
+        engine_dir=settings.trtllm_engine_dir,
+        checkpoint_dir=settings.trtllm_checkpoint_dir,
+        runtime=settings.trtllm_runtime,
+        build_on_start=settings.trtllm_build_on_start,
+        kv_cache_free_gpu_memory_fraction=settings.trtllm_kv_cache_free_gpu_memory_fraction,
+        max_batch_size=settings.batch_max_size,
+    )
+
+
+def build_cache(settings: Settings) -> VerdictCache | None:
+    if not settings.cache_enabled:
+        return None
+    return RedisVerdictCache(
+        settings.redis_url.get_secret_value(),
+        ttl_s=settings.cache_ttl_s,
+        timeout_s=settings.cache_timeout_ms / 1000,
+    )
+
+
+def build_guard(
+    settings: Settings, backend: Backend | None = None, *, on_batch: BatchHook | None = None
+) -> Guard:
+    return Guard(
+        backend or build_backend(settings),
+        cache=build_cache(settings),
+        max_batch_size=settings.batch_max_size,
+        max_wait_ms=settings.batch_max_wait_ms,
+        max_in_flight=settings.batch_max_in_flight,
+        max_new_tokens=settings.max_new_tokens,
+        max_text_chars=settings.max_text_chars,
+        retries=settings.engine_retries,
+        timeout_s=settings.engine_timeout_s,
+        on_batch=on_batch,
+    )

@@ -1,0 +1,93 @@
+"""Verdict events and dead letters as they go out: building them, the failure policy, bytes."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from engine.guard import ModerationResult
+from schemas.events import (
+    DeadLetter,
+    EventKind,
+    PromptEvent,
+    ResponseEvent,
+    SourceRef,
+    VerdictEvent,
+    verdict_event_id,
+)
+from schemas.verdict import Verdict
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One record to produce."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def is_flagged(verdict: Verdict, policy: str) -> bool:
+    """Harmful request or response; or, with fail_closed, no trustworthy labels at all."""
+    if verdict.harmful:
+        return True
+    untrusted = verdict.engine_error is not None or verdict.found == "unparsed"
+    return untrusted and policy == "fail_closed"
+
+
+def verdict_event(
+    event: PromptEvent | ResponseEvent,
+    kind: EventKind,
+    result: ModerationResult,
+    *,
+    source: SourceRef,
+    model_id: str,
+    model_revision: str,
+    engine: str,
+    policy: str,
+    latency_ms: float,
+    prompt_missing: bool = False,
+) -> VerdictEvent:
+    return VerdictEvent(
+        event_id=verdict_event_id(kind, event.id, model_id, model_revision),
+        source_id=event.id,
+        conversation_id=event.conversation_id,
+        kind=kind,
+        tenant=event.tenant,
+        verdict=result.verdict,
+        flagged=is_flagged(result.verdict, policy),
+        prompt_missing=prompt_missing,
+        model_id=model_id,
+        model_revision=model_revision,
+        engine=engine,
+        cached=result.cached,
+        latency_ms=round(latency_ms, 3),
+        source=source,
+        event_time=event.created_at,
+        produced_at=datetime.now(UTC),
+    )
+
+
+def dead_letter(
+    raw: bytes | None, key: bytes | None, source: SourceRef, reason: str, error: str
+) -> DeadLetter:
+    return DeadLetter(
+        reason=reason,
+        error=error,
+        payload_b64=base64.b64encode(raw or b"").decode("ascii"),
+        key_b64=base64.b64encode(key).decode("ascii") if key is not None else None,
+        source=source,
+        failed_at=datetime.now(UTC),
+    )
+
+
+def dead_letter_headers(letter: DeadLetter) -> tuple[tuple[str, bytes], ...]:
+    """Headers a DLQ consumer can filter on without decoding the value."""
+    return (
+        ("guardstream-error-reason", letter.reason.encode()),
+        ("guardstream-source-topic", letter.source.topic.encode()),
+        ("guardstream-source-partition", str(letter.source.partition).encode()),
+        ("guardstream-source-offset", str(letter.source.offset).encode()),
+    )

@@ -1,0 +1,1 @@
+"""Benchmarks that want a GPU: backend throughput and latency against the decode roofline."""

@@ -66,8 +66,6 @@ class Runtime:
             partitions=partitions,
             key_type=str,
             value_type=dict,
-            key_serializer="json",
-            value_serializer="json",
         )
         self.store = PromptStore(
             self.table.data,

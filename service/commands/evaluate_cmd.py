@@ -4,6 +4,7 @@ With the replay engine each benchmark is evaluated against its own prediction fi
 `--replay` folder (the two XSTest files share inputs with different outputs, so they are never
 mixed); its samples come from the benchmark file when `--benchmarks` is given, else from the
 prediction file itself. Benchmarks without a prediction file are skipped with a note on stderr.
+Each table's weighted average covers the benchmarks shown (the paper's covers 13).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from engine.evaluation import (
     TABLES,
     Benchmark,
     BenchmarkResult,
+    GenerateFn,
     Rule,
     Sample,
     Scoring,
@@ -78,34 +80,44 @@ async def _evaluate_all(args: argparse.Namespace) -> list[BenchmarkResult]:
     scoring: Scoring | None = args.scoring
     results = []
     for benchmark in BENCHMARKS:
-        prediction = args.replay / f"{benchmark.name}.jsonl" if args.replay else None
-        if prediction is None or not prediction.is_file():
-            print(
-                f"note: no predictions for {benchmark.name} in {args.replay}; skipped",
-                file=sys.stderr,
-            )
+        plan = _plan(benchmark, args)
+        if plan is None:
             continue
-        samples = _samples(benchmark, prediction, args.benchmarks)
-        generate = backend_generate(ReplayBackend(prediction), args.max_new_tokens)
+        samples, generate = plan
         with tqdm(total=len(samples), desc=benchmark.name, file=sys.stderr, unit="sample") as bar:
-            results.append(
-                await evaluate(
-                    benchmark,
-                    samples,
-                    generate,
-                    rule=rule,
-                    scoring=scoring,
-                    batch_size=args.batch_size,
-                    on_progress=_advance(bar),
-                )
+            result = await evaluate(
+                benchmark,
+                samples,
+                generate,
+                rule=rule,
+                scoring=scoring,
+                batch_size=args.batch_size,
+                on_progress=_advance(bar),
             )
+        results.append(result)
     return results
 
 
-def _samples(benchmark: Benchmark, prediction: Path, benchmarks: Path | None) -> list[Sample]:
-    if benchmarks is None:
-        return load_prediction_samples(prediction, benchmark)
-    return load_benchmark_samples(benchmarks / benchmark.file, benchmark)
+def _plan(benchmark: Benchmark, args: argparse.Namespace) -> tuple[list[Sample], GenerateFn] | None:
+    """The samples of one benchmark and the engine's `generate`, or None (with a note on
+    stderr) to skip it. Only replay exists so far; an engine that generates for real will take
+    its samples from `--benchmarks` (`load_benchmark_samples`) whether or not predictions exist."""
+    prediction: Path = args.replay / f"{benchmark.name}.jsonl"
+    if not prediction.is_file():
+        _note_skipped(f"no predictions for {benchmark.name} in {args.replay}")
+        return None
+    if args.benchmarks is None:
+        samples = load_prediction_samples(prediction, benchmark)
+    elif (args.benchmarks / benchmark.file).is_file():
+        samples = load_benchmark_samples(args.benchmarks / benchmark.file, benchmark)
+    else:
+        _note_skipped(f"no {benchmark.file} in {args.benchmarks}")
+        return None
+    return samples, backend_generate(ReplayBackend(prediction), args.max_new_tokens)
+
+
+def _note_skipped(reason: str) -> None:
+    print(f"note: {reason}; skipped", file=sys.stderr)
 
 
 def _advance(bar: tqdm[object]) -> Callable[[int], None]:

@@ -8,9 +8,9 @@ import logging
 import os
 import sys
 import threading
-from typing import Any
-
 import faust
+
+from engine.backends.base import Backend
 
 from service.config import Settings, SettingsError
 
@@ -58,7 +58,9 @@ def _serve(args: argparse.Namespace) -> int:
     return run_worker(settings)
 
 
-def run_worker(settings: Settings, **runtime_kwargs: Any) -> int:
+def run_worker(settings: Settings, backend: Backend | None = None) -> int:
+    """Run the worker until it is stopped. `backend` replaces the configured one (benchmarks and
+    fault tests wrap a backend to add cost or failures)."""
     from service.app import Runtime
     from service.factory import build_guard
     from service.kafka import ensure_topics
@@ -74,8 +76,8 @@ def run_worker(settings: Settings, **runtime_kwargs: Any) -> int:
             file=sys.stderr,
         )
         return 2
-    guard = build_guard(settings)
-    runtime = Runtime(settings, guard, partitions=partitions, **runtime_kwargs)
+    guard = build_guard(settings, backend)
+    runtime = Runtime(settings, guard, partitions=partitions)
     worker = _Worker(runtime.app, loglevel=settings.log_level, loop=loop)
     worker.grace_period_s = settings.grace_period_s
     worker.execute_from_commandline()

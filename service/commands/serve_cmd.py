@@ -8,10 +8,10 @@ import logging
 import os
 import sys
 import threading
+
 import faust
 
 from engine.backends.base import Backend
-
 from service.config import Settings, SettingsError
 
 log = logging.getLogger("guardstream.serve")

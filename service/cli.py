@@ -13,6 +13,7 @@ COMMANDS = [
     "evaluate_cmd",
     "engine_cmd",
     "serve_cmd",
+    "moderate_cmd",
 ]
 
 

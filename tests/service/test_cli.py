@@ -73,3 +73,13 @@ def test_serve_refuses_a_bad_setting_naming_it() -> None:
     )
     assert proc.returncode == 2
     assert "GUARDSTREAM_BATCH_MAX_WAIT_MS" in proc.stderr
+
+
+def test_committed_json_schemas_are_current(tmp_path: Path) -> None:
+    """schemas/json/ (linked from the README) is what the models generate: never hand-edited."""
+    main(["schemas", "export", str(tmp_path)])
+    committed = REPO_ROOT / "schemas" / "json"
+    for fresh in tmp_path.iterdir():
+        assert (committed / fresh.name).read_text() == fresh.read_text(), (
+            f"schemas/json/{fresh.name} is stale: run `make schemas`"
+        )

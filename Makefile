@@ -20,7 +20,11 @@ $(STAMP): pyproject.toml
 run: install
 	deploy/local/install-prereqs
 	deploy/local/up
-	GUARDSTREAM_ENGINE=$${GUARDSTREAM_ENGINE:-replay} $(BIN)/guardstream serve
+	GUARDSTREAM_ENGINE=$${GUARDSTREAM_ENGINE:-replay} \
+	GUARDSTREAM_REPLAY_PATH=$${GUARDSTREAM_REPLAY_PATH:-../shared/guardreasoner/predictions/1B} \
+	GUARDSTREAM_MAX_NEW_TOKENS=$${GUARDSTREAM_MAX_NEW_TOKENS:-4096} \
+	GUARDSTREAM_LOG_FORMAT=$${GUARDSTREAM_LOG_FORMAT:-text} \
+	$(BIN)/guardstream serve
 
 ## test: lint, type-check and the whole test suite against a real local Kafka and Redis; stops
 ## what it started.

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 EXTRAS ?= dev,hf
 
-.PHONY: install run test lint typecheck pytest up down status schemas clean
+.PHONY: install run test up down status schemas clean helm-tools deploy-check
 
 install: $(STAMP)
 
@@ -30,7 +30,7 @@ run: install
 ## what it started.
 test: install
 	deploy/local/install-prereqs
-	$(BIN)/ruff check schemas engine service bench tests
+	$(BIN)/ruff check schemas engine service bench tests deploy/docker helm/guardstream/files
 	$(BIN)/mypy
 	deploy/local/with-services $(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -48,3 +48,11 @@ schemas: install
 clean:
 	deploy/local/down --clean
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+## helm-tools: build the pinned helm into .tools/bin/ (Go + Go module proxy; ~1.5 min once)
+helm-tools:
+	deploy/helm-tools
+
+## deploy-check: hadolint, the Helm chart (lint, render, Kubernetes schemas) and compose.yaml
+deploy-check: install
+	$(BIN)/python -m pytest tests/deploy -q

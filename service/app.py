@@ -35,7 +35,7 @@ class Runtime:
             broker_credentials=faust_credentials(settings),
             store="memory://",
             topic_partitions=partitions,
-            topic_replication_factor=1,
+            topic_replication_factor=settings.topic_replication_factor,
             processing_guarantee=settings.processing_guarantee,
             consumer_auto_offset_reset="earliest",
             producer_acks=-1,

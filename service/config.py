@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     topic_flagged: str = "moderation.flagged"
     topic_dlq: str = "moderation.dlq"
     topic_partitions: int = Field(8, ge=1, description="Partitions of topics guardstream creates")
+    topic_replication_factor: int = Field(1, ge=1, description="Replicas of topics it creates")
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     moderate: Literal["prompts", "responses", "both"] = "both"
 

@@ -83,7 +83,12 @@ async def ensure_topics(settings: Settings) -> int:
         missing = [n for n in names if n not in existing]
         if missing:
             log.info("creating topics %s with %d partitions", missing, settings.topic_partitions)
-            await admin.create_topics([NewTopic(n, settings.topic_partitions, 1) for n in missing])
+            await admin.create_topics(
+                [
+                    NewTopic(n, settings.topic_partitions, settings.topic_replication_factor)
+                    for n in missing
+                ]
+            )
         described = await admin.describe_topics([settings.topic_prompts, settings.topic_responses])
     finally:
         await admin.close()

@@ -90,6 +90,8 @@ class MicroBatcher(Generic[T, R]):
     in the same order. `on_flush(size, waits_ms)` is called as each batch starts: `size` is the
     number of distinct items handed to `process`, `waits_ms` has one entry per submitted item
     (duplicates included) saying how long it waited between `submit` and the batch's start.
+    `on_duplicate(first, item)` is called when `item` joins the equal `first` in its batch (so
+    the caller can carry what `item` holds over to `first`, e.g. its trace context).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class MicroBatcher(Generic[T, R]):
         key: Callable[[T], Hashable] | None = None,
         name: str = "batcher",
         on_flush: FlushHook | None = None,
+        on_duplicate: Callable[[T, T], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -117,6 +120,7 @@ class MicroBatcher(Generic[T, R]):
         self._serial = count()
         self.name = name
         self._on_flush = on_flush
+        self._on_duplicate = on_duplicate
         self.stats = BatcherStats()
         self._current: _Batch[T, R] | None = None
         self._running: dict[_Batch[T, R], asyncio.Task[None]] = {}
@@ -156,6 +160,8 @@ class MicroBatcher(Generic[T, R]):
             entry.futures.append(fut)
             entry.enqueued_at.append(loop.time())
             self.stats.deduped += 1
+            if self._on_duplicate is not None:
+                self._on_duplicate(entry.item, item)
         self._maybe_start()
         return fut
 

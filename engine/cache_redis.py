@@ -233,6 +233,23 @@ class RedisVerdictCache:
         self._breaker.success()
         self.stats.writes += len(items)
 
+    async def ping(self) -> bool:
+        """One `PING` through the breaker, so that its state follows Redis while no traffic
+        does (readiness and the degraded gauge rely on it). True when Redis answered."""
+        if not self._breaker.allow():
+            return False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._client.ping()
+        except Exception as exc:  # noqa: BLE001 - a failed probe is only a failure
+            self._failed("PING", exc)
+            return False
+        except BaseException:
+            self._breaker.abandon()
+            raise
+        self._breaker.success()
+        return True
+
     async def close(self) -> None:
         if self._owns_client:
             await self._client.aclose()

@@ -19,11 +19,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import Tracer
+
 from engine.backends.base import Backend, Generation
 from engine.batcher import MicroBatcher
 from engine.cache import VerdictCache, cache_key
 from engine.parser import parse
 from engine.prompt import TEMPLATE_VERSION, build_model_input
+from engine.tracing import BatchTrace, BatchTracer, Parent, current_parent
 from schemas.verdict import ModerationRequest, Verdict
 
 log = logging.getLogger("guardstream.guard")
@@ -47,6 +50,12 @@ class _Pending:
     request: ModerationRequest
     key: str
     enqueued: float = field(default_factory=time.monotonic)
+    parents: list[Parent] | None = None  # callers' span contexts, only when tracing
+
+
+def _join_parents(first: _Pending, duplicate: _Pending) -> None:
+    if duplicate.parents:
+        first.parents = (first.parents or []) + duplicate.parents
 
 
 @dataclass(slots=True)
@@ -56,6 +65,7 @@ class GuardStats:
     generated: int = 0
     engine_errors: int = 0
     batches: int = 0
+    tokens: int = 0  # generated tokens, as the backend counted them
 
 
 BatchHook = Callable[[int, Sequence[float], float], None]
@@ -76,6 +86,7 @@ class Guard:
         retry_backoff_s: float = 0.2,
         timeout_s: float = 120.0,
         on_batch: BatchHook | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.backend = backend
         self.cache = cache
@@ -86,6 +97,7 @@ class Guard:
         self.timeout_s = timeout_s
         self.stats = GuardStats()
         self._on_batch = on_batch
+        self._tracing = BatchTracer(tracer) if tracer is not None else None
         self._batcher: MicroBatcher[_Pending, ModerationResult] = MicroBatcher(
             self._process,
             max_batch_size=max_batch_size,
@@ -93,6 +105,7 @@ class Guard:
             max_in_flight=max_in_flight,
             key=lambda p: p.key,
             name="guard",
+            on_duplicate=_join_parents if tracer is not None else None,
         )
 
     @property
@@ -102,6 +115,10 @@ class Guard:
     @property
     def revision(self) -> str:
         return self.backend.revision
+
+    @property
+    def batches_in_flight(self) -> int:
+        return self._batcher.stats.in_flight
 
     async def start(self) -> None:
         await self.backend.start()
@@ -124,7 +141,11 @@ class Guard:
     async def submit(self, request: ModerationRequest) -> asyncio.Future[ModerationResult]:
         """Queue a request; waits only while the engine is full (backpressure)."""
         self.stats.requests += 1
-        return await self._batcher.submit(_Pending(request, self.key_for(request)))
+        pending = _Pending(request, self.key_for(request))
+        if self._tracing is not None:
+            parent = current_parent()
+            pending.parents = [parent] if parent is not None else None
+        return await self._batcher.submit(pending)
 
     async def moderate(self, request: ModerationRequest) -> ModerationResult:
         return await (await self.submit(request))
@@ -133,9 +154,27 @@ class Guard:
 
     async def _process(self, items: list[_Pending]) -> list[ModerationResult]:
         started = time.monotonic()
+        if self._tracing is None:
+            return await self._process_batch(items, started, None)
+        bt = self._tracing.start([p.parents or [] for p in items], started)
+        try:
+            results = await self._process_batch(items, started, bt)
+        except BaseException as exc:
+            bt.end(exc)
+            raise
+        bt.end()
+        return results
+
+    async def _process_batch(
+        self, items: list[_Pending], started: float, bt: BatchTrace | None
+    ) -> list[ModerationResult]:
         waits = [(started - p.enqueued) * 1000 for p in items]
         self.stats.batches += 1
-        cached = await self.cache.get_many([p.key for p in items]) if self.cache else []
+        # `is not None`: an empty MemoryVerdictCache is falsy (it has a __len__)
+        cache = self.cache
+        cached = await cache.get_many([p.key for p in items]) if cache is not None else []
+        if bt is not None and cache is not None:
+            bt.cache_lookup(started, time.monotonic(), [c is not None for c in cached])
         results: list[ModerationResult | None] = [None] * len(items)
         misses: list[int] = []
         for i, p in enumerate(items):
@@ -158,6 +197,8 @@ class Guard:
             t0 = time.monotonic()
             generations = await self._generate(inputs)
             generate_ms = (time.monotonic() - t0) * 1000
+            if bt is not None:
+                bt.generate(t0, t0 + generate_ms / 1000, misses, [g.tokens for g in generations])
             to_store: list[tuple[str, Verdict]] = []
             for i, gen in zip(misses, generations, strict=True):
                 verdict = self._verdict(gen, has_response=items[i].request.response is not None)
@@ -166,8 +207,11 @@ class Guard:
                 results[i] = ModerationResult(
                     verdict, False, items[i].key, len(items), waits[i], generate_ms, gen.tokens
                 )
-            if self.cache and to_store:
+            if self.cache is not None and to_store:
+                t_store = time.monotonic()
                 await self.cache.set_many(to_store)
+                if bt is not None:
+                    bt.cache_store(t_store, time.monotonic(), len(to_store))
         if self._on_batch is not None:
             self._on_batch(len(items), waits, generate_ms)
         return [r for r in results if r is not None]
@@ -177,6 +221,7 @@ class Guard:
             self.stats.engine_errors += 1
             return Verdict(engine_error=gen.error or "engine error", raw=gen.text)
         self.stats.generated += 1
+        self.stats.tokens += gen.tokens or 0
         verdict = parse(gen.text, has_response=has_response)
         if gen.finish_reason == "length":
             verdict = verdict.model_copy(update={"truncated": True})

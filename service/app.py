@@ -1,4 +1,5 @@
-"""The Faust app: topics, the prompt table, two small agents, health pages.
+"""The Faust app: topics, the prompt table, two small agents; health and metrics pages
+(`service.web`).
 
 The agents are plain `async for` loops over manually-acked streams; what happens to each message
 lives in `service.pipeline.Processor`, and the in-order publish-then-ack in `service.lanes`.
@@ -14,10 +15,14 @@ import faust
 
 from engine.guard import Guard
 from service.config import Settings
+from service.eos import TransactionalPublisher
 from service.kafka import faust_credentials
 from service.messages import Outgoing
 from service.pairing import PromptStore
 from service.pipeline import Processor
+from service.telemetry import Telemetry
+from service.telemetry.lag import LagTracker
+from service.web import Health, install
 
 log = logging.getLogger("guardstream.app")
 
@@ -25,9 +30,17 @@ log = logging.getLogger("guardstream.app")
 class Runtime:
     """A configured worker: the Faust app plus the guard and the processor it drives."""
 
-    def __init__(self, settings: Settings, guard: Guard, *, partitions: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        guard: Guard,
+        *,
+        partitions: int,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.settings = settings
         self.guard = guard
+        self.telemetry = telemetry or Telemetry(settings)
         self.started = asyncio.Event()
         self.app = faust.App(
             settings.app_id,
@@ -73,9 +86,24 @@ class Runtime:
             ttl_s=settings.prompt_table_ttl_s,
             max_entries=settings.prompt_table_max,
         )
+        eos: TransactionalPublisher | None = None
+        if settings.processing_guarantee == "exactly_once":
+            eos = TransactionalPublisher(self.app)
+            eos.install()
         self.processor = Processor(
-            settings, guard, self.store, self._send, engine_name=guard.backend.name
+            settings,
+            guard,
+            self.store,
+            self._send,
+            engine_name=guard.backend.name,
+            transact=eos.publish if eos is not None else None,
+            telemetry=self.telemetry,
         )
+        self.health = Health(self.app, guard, settings, self.started)
+        lag = LagTracker(self.app, (settings.topic_prompts, settings.topic_responses))
+        self.telemetry.metrics.watch_guard(guard)
+        self.telemetry.metrics.watch_lag(lag.current)
+        install(self.app, self.health, self.telemetry.metrics, lag, guard)
         self._wire()
 
     def _changelog(self, partition: int, key: str, value: dict[str, Any] | None) -> None:
@@ -85,8 +113,11 @@ class Runtime:
             self.table.send_changelog(partition, key, value)
 
     async def _send(self, rec: Outgoing) -> Any:
-        topic = self._out[rec.topic]
-        return await topic.send(key=rec.key, value=rec.value, headers=list(rec.headers))
+        # Straight to the producer, as Topic.send ends up doing, without the FutureMessage,
+        # serializer, sensor and callback layers around each record that the lanes do not use
+        # (they await the broker's acknowledgement themselves).
+        producer = await self.app.maybe_start_producer()
+        return await producer.send(rec.topic, rec.key, rec.value, None, None, list(rec.headers))
 
     def _wire(self) -> None:
         app, settings, processor = self.app, self.settings, self.processor
@@ -122,24 +153,13 @@ class Runtime:
             if dropped:
                 log.info("dropped %d expired prompts from the pairing table", dropped)
 
-        @app.page("/healthz")
-        async def healthz(web: Any, request: Any) -> Any:
-            return web.json({"status": "ok"})
-
-        @app.page("/readyz")
-        async def readyz(web: Any, request: Any) -> Any:
-            checks = self.readiness()
-            return web.json(checks, status=200 if all(checks.values()) else 503)
-
         @app.on_before_shutdown.connect
         async def drain(sender: Any, **kwargs: Any) -> None:
             grace = settings.grace_period_s
             done = await processor.close(timeout=grace * 0.8)
             await self.guard.close(drain=done, timeout=grace * 0.1)
             log.info("shutdown: in-flight verdicts %s", "published" if done else "abandoned")
+            self.telemetry.shutdown()
 
-    def readiness(self) -> dict[str, bool]:
-        return {
-            "engine_loaded": self.started.is_set(),
-            "kafka_assigned": bool(self.app.consumer.assignment()) and not self.app.rebalancing,
-        }
+    def readiness(self) -> dict[str, Any]:
+        return self.health.readiness()[1]

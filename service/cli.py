@@ -14,6 +14,7 @@ COMMANDS = [
     "engine_cmd",
     "serve_cmd",
     "moderate_cmd",
+    "bench_cmd",
 ]
 
 

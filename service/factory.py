@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from opentelemetry.trace import Tracer
+
 from engine.backends.base import Backend
 from engine.cache import RedisVerdictCache, VerdictCache
 from engine.guard import BatchHook, Guard
@@ -54,22 +58,32 @@ def build_backend(settings: Settings) -> Backend:
     )
 
 
-def build_cache(settings: Settings) -> VerdictCache | None:
+def build_cache(
+    settings: Settings, *, on_state_change: Callable[[str], None] | None = None
+) -> VerdictCache | None:
+    """The Redis cache, or None; `on_state_change` hears its breaker's transitions (the worker
+    turns them into a metric and a log line)."""
     if not settings.cache_enabled:
         return None
     return RedisVerdictCache(
         settings.redis_url.get_secret_value(),
         ttl_s=settings.cache_ttl_s,
         timeout_s=settings.cache_timeout_ms / 1000,
+        on_state_change=on_state_change,
     )
 
 
 def build_guard(
-    settings: Settings, backend: Backend | None = None, *, on_batch: BatchHook | None = None
+    settings: Settings,
+    backend: Backend | None = None,
+    *,
+    on_batch: BatchHook | None = None,
+    tracer: Tracer | None = None,
+    on_cache_state: Callable[[str], None] | None = None,
 ) -> Guard:
     return Guard(
         backend or build_backend(settings),
-        cache=build_cache(settings),
+        cache=build_cache(settings, on_state_change=on_cache_state),
         max_batch_size=settings.batch_max_size,
         max_wait_ms=settings.batch_max_wait_ms,
         max_in_flight=settings.batch_max_in_flight,
@@ -78,4 +92,5 @@ def build_guard(
         retries=settings.engine_retries,
         timeout_s=settings.engine_timeout_s,
         on_batch=on_batch,
+        tracer=tracer,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from typing import Any
@@ -12,6 +13,9 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from service.config import Settings
 
 log = logging.getLogger("guardstream.kafka")
+
+_DESCRIBE_ATTEMPTS = 150  # 30 s in all
+_DESCRIBE_PAUSE_S = 0.2
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
@@ -89,10 +93,19 @@ async def ensure_topics(settings: Settings) -> int:
                     for n in missing
                 ]
             )
-        described = await admin.describe_topics([settings.topic_prompts, settings.topic_responses])
+        # Right after CreateTopics the broker may still describe a new topic as unknown, with no
+        # partitions: ask again until both input topics have theirs.
+        inputs = [settings.topic_prompts, settings.topic_responses]
+        for _ in range(_DESCRIBE_ATTEMPTS):
+            described = await admin.describe_topics(inputs)
+            counts = {d["topic"]: len(d["partitions"]) for d in described}
+            if all(counts.get(n) for n in inputs):
+                break
+            await asyncio.sleep(_DESCRIBE_PAUSE_S)
+        else:
+            raise RuntimeError(f"topics {inputs} still have no partitions: {counts}")
     finally:
         await admin.close()
-    counts = {d["topic"]: len(d["partitions"]) for d in described}
     prompts, responses = counts[settings.topic_prompts], counts[settings.topic_responses]
     if prompts != responses:
         raise RuntimeError(

@@ -25,6 +25,9 @@ Send = Callable[[Outgoing], Awaitable[Awaitable[Any]]]
 Ack = Callable[[Any], Awaitable[Any]]
 Convert = Callable[[Any], list[Outgoing]]
 OnFailure = Callable[[BaseException], list[Outgoing]]
+#: Exactly-once publishing (`service.eos`): writes the records, commits the events' offset in the
+#: same transaction, then acks the events with the given `Ack`.
+Transact = Callable[[list[Outgoing], list[Any], Ack], Awaitable[None]]
 
 
 class LaneStopped(Exception):
@@ -38,6 +41,7 @@ class Item:
     future: asyncio.Future[Any] | None = None
     convert: Convert | None = None
     on_failure: OnFailure | None = None
+    on_done: Callable[[], None] | None = None  # after the broker took its records and the ack
 
     def done(self) -> bool:
         return self.future is None or self.future.done()
@@ -63,10 +67,12 @@ class Lane:
         *,
         max_run: int = 512,
         fatal: tuple[type[BaseException], ...] = (),
+        transact: Transact | None = None,
     ) -> None:
         self.name = name
         self._send = send
         self._ack = ack
+        self._transact = transact
         self._max_run = max_run
         self._fatal = fatal
         self._items: deque[Item] = deque()
@@ -128,9 +134,15 @@ class Lane:
                 self._closing = True
                 self._idle.set()
                 return
-            await self._publish(records)
+            if self._transact is not None:
+                await self._transact(records, [item.event for item in run], self._ack)
+            else:
+                await self._publish(records)
             for item in run:
-                await self._ack(item.event)
+                if self._transact is None:
+                    await self._ack(item.event)
+                if item.on_done is not None:
+                    item.on_done()
             self.published += len(records)
 
     async def _publish(self, records: list[Outgoing]) -> None:

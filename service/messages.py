@@ -70,13 +70,34 @@ def verdict_event(
     )
 
 
+#: The most bytes of the original value (and key) a dead letter carries. A dead letter must stay
+#: under the producer's request limit (Faust's default: 1,000,000 bytes) with its key, once base64
+#: has made them 4/3 as many, or it could never be published and would block its partition for
+#: good; a longer value or key is cut to its first bytes, and the dead letter's `error` says so.
+DEAD_LETTER_MAX_PAYLOAD = 512 * 1024
+DEAD_LETTER_MAX_KEY = 16 * 1024
+
+
+def dead_letter_key(key: bytes | None) -> bytes | None:
+    """The key a dead letter is published with: the input's key, cut to DEAD_LETTER_MAX_KEY."""
+    return key[:DEAD_LETTER_MAX_KEY] if key is not None else None
+
+
 def dead_letter(
     raw: bytes | None, key: bytes | None, source: SourceRef, reason: str, error: str
 ) -> DeadLetter:
+    payload = raw or b""
+    if len(payload) > DEAD_LETTER_MAX_PAYLOAD:
+        cut = f"payload cut to its first {DEAD_LETTER_MAX_PAYLOAD} of {len(payload)} bytes"
+        error = f"{error} ({cut})"
+        payload = payload[:DEAD_LETTER_MAX_PAYLOAD]
+    if key is not None and len(key) > DEAD_LETTER_MAX_KEY:
+        error = f"{error} (key cut to its first {DEAD_LETTER_MAX_KEY} of {len(key)} bytes)"
+    key = dead_letter_key(key)
     return DeadLetter(
         reason=reason,
         error=error,
-        payload_b64=base64.b64encode(raw or b"").decode("ascii"),
+        payload_b64=base64.b64encode(payload).decode("ascii"),
         key_b64=base64.b64encode(key).decode("ascii") if key is not None else None,
         source=source,
         failed_at=datetime.now(UTC),

@@ -18,9 +18,16 @@ from schemas.decode import DecodeError, InputLimits, decode_event
 from schemas.events import EventKind, PromptEvent, ResponseEvent, SourceRef
 from schemas.verdict import ModerationRequest, Verdict
 from service.config import Settings
-from service.lanes import Ack, Item, Lane, Send
-from service.messages import Outgoing, dead_letter, dead_letter_headers, verdict_event
+from service.lanes import Ack, Item, Lane, Send, Transact
+from service.messages import (
+    Outgoing,
+    dead_letter,
+    dead_letter_headers,
+    dead_letter_key,
+    verdict_event,
+)
 from service.pairing import PromptStore
+from service.telemetry import Telemetry, Track
 
 log = logging.getLogger("guardstream.pipeline")
 
@@ -35,6 +42,8 @@ class Processor:
         *,
         engine_name: str,
         on_dead_letter: Callable[[str], None] | None = None,
+        transact: Transact | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
         self.guard = guard
@@ -44,39 +53,46 @@ class Processor:
         self._limits: InputLimits = settings.input_limits
         self._lanes: dict[tuple[str, int], Lane] = {}
         self._on_dead_letter = on_dead_letter
+        self._transact = transact  # exactly_once: service.eos.TransactionalPublisher.publish
         self.dead_letters = 0
+        self._telemetry = telemetry if telemetry is not None else Telemetry.off(settings)
 
     # --- entry points ------------------------------------------------------------------------
 
     async def on_prompt(self, event: Any, ack: Ack) -> None:
         t0 = time.monotonic()
+        track = self._telemetry.begin(event)
         lane, source = self._lane(event, ack)
         try:
-            prompt = decode_event(event.value, PromptEvent, self._limits)
+            with track.parse():
+                prompt = decode_event(event.value, PromptEvent, self._limits)
         except DecodeError as err:
-            lane.put(Item(event, ready=self._dead(event, source, err)))
+            lane.put(Item(event, ready=self._dead(event, source, err, track), on_done=track.done))
             return
         if self.settings.moderate in ("responses", "both"):
             self.store.put(prompt.id, prompt.text, source.partition)
         if self.settings.moderate == "responses":
-            lane.put(Item(event, ready=[]))
+            lane.put(Item(event, ready=[], on_done=track.done))
             return
         request = ModerationRequest(
             prompt=prompt.text, prompt_id=prompt.id, conversation_id=prompt.conversation_id
         )
-        future = await self.guard.submit(request)
-        lane.put(self._item(event, future, prompt, "prompt", source, t0))
+        with track.current():
+            future = await self.guard.submit(request)
+        lane.put(self._item(event, future, prompt, "prompt", source, t0, track))
 
     async def on_response(self, event: Any, ack: Ack) -> None:
         t0 = time.monotonic()
+        track = self._telemetry.begin(event)
         lane, source = self._lane(event, ack)
         try:
-            response = decode_event(event.value, ResponseEvent, self._limits)
+            with track.parse():
+                response = decode_event(event.value, ResponseEvent, self._limits)
         except DecodeError as err:
-            lane.put(Item(event, ready=self._dead(event, source, err)))
+            lane.put(Item(event, ready=self._dead(event, source, err, track), on_done=track.done))
             return
         if self.settings.moderate == "prompts":
-            lane.put(Item(event, ready=[]))
+            lane.put(Item(event, ready=[], on_done=track.done))
             return
         prompt_text = response.prompt or self.store.get(response.reply_to)
         if prompt_text is not None:
@@ -87,12 +103,14 @@ class Processor:
                 response_id=response.id,
                 conversation_id=response.conversation_id,
             )
-            future = await self.guard.submit(request)
-            lane.put(self._item(event, future, response, "response", source, t0))
+            with track.current():
+                future = await self.guard.submit(request)
+            lane.put(self._item(event, future, response, "response", source, t0, track))
             return
         # The prompt has not been seen (yet): wait for it without holding up the stream.
-        waiting = asyncio.get_running_loop().create_task(self._paired_later(response))
-        lane.put(self._item(event, waiting, response, "response", source, t0))
+        with track.current():  # the task inherits the message span as its current one
+            waiting = asyncio.get_running_loop().create_task(self._paired_later(response))
+        lane.put(self._item(event, waiting, response, "response", source, t0, track))
 
     async def close(self, timeout: float | None) -> bool:
         """Publish what is in flight within `timeout`; True when everything was published."""
@@ -123,11 +141,19 @@ class Processor:
         key = (msg.topic, msg.partition)
         lane = self._lanes.get(key)
         if lane is None:
-            lane = Lane(f"{msg.topic}/{msg.partition}", self._send, ack, fatal=(BatcherClosed,))
+            lane = Lane(
+                f"{msg.topic}/{msg.partition}",
+                self._send,
+                ack,
+                fatal=(BatcherClosed,),
+                transact=self._transact,
+            )
             self._lanes[key] = lane
         return lane, source
 
-    def _dead(self, event: Any, source: SourceRef, err: DecodeError) -> list[Outgoing]:
+    def _dead(
+        self, event: Any, source: SourceRef, err: DecodeError, track: Track
+    ) -> list[Outgoing]:
         self.dead_letters += 1
         if self._on_dead_letter is not None:
             self._on_dead_letter(err.reason)
@@ -138,14 +164,15 @@ class Processor:
             source.offset,
             err.reason,
             err,
+            extra={**track.fields(), "reason": err.reason},
         )
         letter = dead_letter(event.value, event.key, source, err.reason, str(err))
         return [
             Outgoing(
                 self.settings.topic_dlq,
-                event.key,
+                dead_letter_key(event.key),
                 letter.model_dump_json().encode(),
-                dead_letter_headers(letter),
+                dead_letter_headers(letter) + track.dead_letter(err.reason),
             )
         ]
 
@@ -157,20 +184,28 @@ class Processor:
         kind: EventKind,
         source: SourceRef,
         t0: float,
+        track: Track,
     ) -> Item:
         def convert(value: ModerationResult | tuple[ModerationResult, bool]) -> list[Outgoing]:
             result, missing = value if isinstance(value, tuple) else (value, False)
-            return self._verdict_records(chat, kind, result, source, t0, missing)
+            return self._verdict_records(chat, kind, result, source, t0, missing, track)
 
         def on_failure(exc: BaseException) -> list[Outgoing]:
             if isinstance(exc, BatcherClosed):
                 raise exc
-            log.error("moderation of %s failed unexpectedly: %r", chat.id, exc)
+            log.error(
+                "moderation of %s failed unexpectedly: %r",
+                chat.id,
+                exc,
+                extra={**track.fields(), "message_id": chat.id},
+            )
             error = f"{type(exc).__name__}: {exc}"
             failed = ModerationResult(Verdict(engine_error=error), False, "")
-            return self._verdict_records(chat, kind, failed, source, t0, False)
+            return self._verdict_records(chat, kind, failed, source, t0, False, track)
 
-        return Item(event, future=future, convert=convert, on_failure=on_failure)
+        return Item(
+            event, future=future, convert=convert, on_failure=on_failure, on_done=track.done
+        )
 
     def _verdict_records(
         self,
@@ -180,6 +215,7 @@ class Processor:
         source: SourceRef,
         t0: float,
         prompt_missing: bool,
+        track: Track,
     ) -> list[Outgoing]:
         ve = verdict_event(
             chat,
@@ -195,7 +231,14 @@ class Processor:
         )
         key = chat.conversation_id.encode()
         value = ve.model_dump_json().encode()
-        headers = (("guardstream-event-id", ve.event_id.encode()),)
+        # Where the time went, for consumers and the bench: the batch wait (submit to batch
+        # start) and the model's share (the batch's generate call; 0 for a cache hit).
+        headers = (
+            ("guardstream-event-id", ve.event_id.encode()),
+            ("guardstream-batch-wait-ms", b"%.3f" % result.batch_wait_ms),
+            ("guardstream-generate-ms", b"%.3f" % result.generate_ms),
+            *track.verdict(ve, chat),  # W3C trace context: the trace goes on downstream
+        )
         records = [Outgoing(self.settings.topic_verdicts, key, value, headers)]
         if ve.flagged:
             records.append(Outgoing(self.settings.topic_flagged, key, value, headers))

@@ -61,10 +61,30 @@ def _serve(args: argparse.Namespace) -> int:
 def run_worker(settings: Settings, backend: Backend | None = None) -> int:
     """Run the worker until it is stopped. `backend` replaces the configured one (benchmarks and
     fault tests wrap a backend to add cost or failures)."""
+    from engine.cache import mask_url
     from service.app import Runtime
     from service.factory import build_guard
     from service.kafka import ensure_topics
+    from service.telemetry import Telemetry
+    from service.telemetry.logging import configure_logging
 
+    log_config = configure_logging(settings)
+    try:
+        telemetry = Telemetry(settings)
+    except SettingsError as err:
+        print(f"guardstream: {err}", file=sys.stderr)
+        return 2
+    log.info(
+        "starting: app_id=%s engine=%s model=%s kafka=%s redis=%s cache=%s traces=%s metrics=%s",
+        settings.app_id,
+        settings.engine,
+        settings.model,
+        settings.kafka_bootstrap_servers,
+        mask_url(settings.redis_url.get_secret_value()),
+        "required" if settings.cache_required else settings.cache_enabled,
+        settings.traces_exporter,
+        settings.metrics_exporter,
+    )
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
@@ -76,9 +96,22 @@ def run_worker(settings: Settings, backend: Backend | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    guard = build_guard(settings, backend)
-    runtime = Runtime(settings, guard, partitions=partitions)
-    worker = _Worker(runtime.app, loglevel=settings.log_level, loop=loop)
+    guard = build_guard(
+        settings,
+        backend,
+        on_batch=telemetry.metrics.on_batch,
+        tracer=telemetry.tracer,
+        on_cache_state=telemetry.on_cache_state,
+    )
+    runtime = Runtime(settings, guard, partitions=partitions, telemetry=telemetry)
+    worker = _Worker(
+        runtime.app,
+        loglevel=settings.log_level,
+        loop=loop,
+        logging_config=log_config,  # Faust's Worker re-applies it: our formatter, not its own
+        quiet=settings.log_format == "json",  # no banner/spinner text between JSON lines
+    )
+    worker.spinner = None
     worker.grace_period_s = settings.grace_period_s
     worker.execute_from_commandline()
     return 0

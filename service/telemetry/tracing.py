@@ -94,7 +94,8 @@ def _otlp_exporter(settings: Settings) -> SpanExporter:
                 OTLPSpanExporter as GrpcExporter,
             )
 
-            return GrpcExporter(endpoint=settings.otlp_endpoint)
+            grpc_exporter: SpanExporter = GrpcExporter(endpoint=settings.otlp_endpoint)
+            return grpc_exporter
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
             OTLPSpanExporter as HttpExporter,
         )
@@ -102,7 +103,8 @@ def _otlp_exporter(settings: Settings) -> SpanExporter:
         endpoint = settings.otlp_endpoint
         if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
             endpoint = endpoint.rstrip("/") + "/v1/traces"
-        return HttpExporter(endpoint=endpoint)
+        http_exporter: SpanExporter = HttpExporter(endpoint=endpoint)
+        return http_exporter
     except ImportError as err:
         raise SettingsError(
             f"GUARDSTREAM_TRACES_EXPORTER=otlp needs the OTLP exporter, which is not installed "

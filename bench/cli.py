@@ -1,0 +1,376 @@
+"""`guardstream bench` / `python -m bench`: the service measured end to end on the local Kafka and
+Redis. Prints tables, writes `results.json` and PNG plots into `--out` (default bench/out/).
+
+    guardstream bench                  # everything, ~12 minutes on 2 cores
+    guardstream bench --quick          # a smoke run, under two minutes
+    guardstream bench --engine hf --model DIR      # on real generation (transformers)
+    guardstream bench --engine hf --model tiny     # ... with a tiny random Llama built here
+
+The model stand-in (scenarios 2-4 with the replay engine) sleeps a + b * batch_size per batch.
+Its defaults, a = 500 ms and b = 3 ms, are a GuardReasoner-1B-sized guess for one H100 with
+TensorRT-LLM (see /work/shared/notes): GuardReasoner writes ~280 tokens per verdict; a 1B decode
+step reads ~2.5 GB of BF16 weights, 0.74 ms at 3.35 TB/s, and the 8B online figure (11 ms per
+token against a 4.8 ms roofline) says real steps take ~2.3x their roofline: ~1.7 ms, times ~280
+steps = ~0.5 s a batch. The per-sequence share comes from the 8B saturation figure (16.5k output
+tokens/s, 500 in / 2000 out) scaled by 6.5x fewer parameters: ~9 us per token per sequence, times
+~280 tokens = ~2.6 ms, rounded to 3 ms. Batches overlap up to max_in_flight, as requests do on an
+in-flight-batching server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.data import REPO_ROOT
+
+QUICK: dict[str, Any] = {
+    "n": 2000,
+    "rounds": 1,
+    "warmup": 100,
+    "cost_a_ms": 100.0,
+    "cost_b_ms": 0.6,
+    "in_flight": 4,
+    "load_seconds": 3.0,
+    "sweep_seconds": 3.0,
+    "capacity_seconds": 2.5,
+    "probe_seconds": 2.0,
+    "probe_start": 0.3,
+    "probe_step": 1.5,
+    "settle_seconds": 1.0,
+    "sweep_sizes": "4",
+    "sweep_waits": "5",
+    "sweep_in_flight": "",
+    "repeat_fractions": "0,0.5",
+    "cache_modes": "on",
+}
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--quick", action="store_true", help="a smoke run in under two minutes")
+    g.add_argument(
+        "--scenarios",
+        default="overhead,latency,batching,cache",
+        help="which to run, comma-separated (default: all four)",
+    )
+    g.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out", help="output folder")
+    g.add_argument(
+        "--shared",
+        help="GuardReasoner data (default $GUARDSTREAM_SHARED_DIR, else ../shared/guardreasoner)",
+    )
+    g.add_argument(
+        "--bootstrap",
+        default=os.environ.get("GUARDSTREAM_KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+    )
+    g.add_argument(
+        "--redis-url", default=os.environ.get("GUARDSTREAM_REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    g.add_argument("--partitions", type=int, default=8, help="partitions of every bench topic")
+    g.add_argument("--code", type=Path, help="run the worker from another checkout (A/B)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument(
+        "--keep-logs", action="store_true", help="keep each run's worker log under OUT/work/"
+    )
+    g = p.add_argument_group("1. overhead")
+    g.add_argument("--n", type=int, default=20_000, help="messages per overhead run")
+    g.add_argument("--rounds", type=int, default=3, help="alternating rounds (median reported)")
+    g.add_argument("--warmup", type=int, default=300, help="warm-up messages before each run")
+    g = p.add_argument_group("model (scenarios 2-4)")
+    g.add_argument(
+        "--engine",
+        choices=["replay", "hf"],
+        default="replay",
+        help="replay: the stand-in of fixed cost; hf: real generation",
+    )
+    g.add_argument("--model", help="hf: checkpoint folder, or 'tiny' to build a tiny random Llama")
+    g.add_argument("--hf-device", choices=["auto", "cpu", "cuda"], default="auto")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation cap (default 4096 for replay, 32 for hf)",
+    )
+    g.add_argument("--cost-a-ms", type=float, default=500.0, help="stand-in: ms per batch")
+    g.add_argument("--cost-b-ms", type=float, default=3.0, help="stand-in: ms per message")
+    g.add_argument("--batch-size", type=int, default=32, help="max_batch_size")
+    g.add_argument("--max-wait-ms", type=float, default=20.0, help="max_wait_ms")
+    g.add_argument(
+        "--in-flight",
+        type=int,
+        default=32,
+        help="max_in_flight batches (at least batch cost / max_wait_ms, 500/20 = 25 here, so "
+        "that every batch starts on its timer instead of waiting for a free slot; a server with "
+        "in-flight batching takes that many; see the batching sweep for fewer)",
+    )
+    g = p.add_argument_group("2-4. load, batching, cache")
+    g.add_argument(
+        "--loads",
+        default="0.1,0.5,0.9",
+        help="offered load, fractions of the sustainable capacity (the highest steady rate the "
+        "worker keeps up with)",
+    )
+    g.add_argument("--load-seconds", type=float, default=20.0, help="seconds per load level")
+    g.add_argument(
+        "--capacity-seconds",
+        type=float,
+        default=10.0,
+        help="measurement window of a saturation run",
+    )
+    g.add_argument(
+        "--settle-seconds",
+        type=float,
+        default=3.0,
+        help="saturation runs: seconds before the window opens",
+    )
+    g.add_argument(
+        "--probe-seconds",
+        type=float,
+        default=6.0,
+        help="seconds of each steady-rate probe that finds the sustainable capacity",
+    )
+    g.add_argument(
+        "--probe-start", type=float, default=0.2, help="first probe, x closed-loop capacity"
+    )
+    g.add_argument("--probe-step", type=float, default=1.3, help="each next probe, x the last")
+    g.add_argument("--sweep-sizes", default="1,4,16,64", help="max_batch_size values to try")
+    g.add_argument("--sweep-waits", default="0,5,50,100", help="max_wait_ms values to try")
+    g.add_argument("--sweep-in-flight", default="2,8,16", help="max_in_flight values to try")
+    g.add_argument(
+        "--sweep-seconds",
+        type=float,
+        default=8.0,
+        help="seconds of each batching configuration's saturation window and offered load, and "
+        "of each cache run's window",
+    )
+    g.add_argument("--repeat-fractions", default="0,0.25,0.5,0.75")
+    g.add_argument("--cache-modes", default="on,off", help="cache scenario: on, off or both")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    return p
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    """--quick: the QUICK values for every option left at its default."""
+    defaults = vars(build_parser().parse_args([]))
+    for key, value in QUICK.items():
+        if getattr(args, key) == defaults[key]:
+            setattr(args, key, value)
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=10,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "commit": commit,
+    }
+
+
+def _tiny_model(out: Path) -> Path:
+    """A tiny random Llama of GuardReasoner's family (bench.gpu.synthetic), built once."""
+    folder = out / "tiny-model"
+    if not (folder / "config.json").is_file():
+        from bench.gpu import synthetic
+
+        synthetic.build_random_llama(folder, synthetic.TINY, device="cpu", dtype="float32")
+    return folder
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the bench for parsed arguments (from `build_parser` or `add_arguments`)."""
+    from bench import report, scenarios
+
+    if args.quick:
+        apply_quick(args)
+    # aiokafka warns while fresh topics elect their leaders; the bench retries and waits anyway
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    from bench.data import benchmark_prompts, shared_dir
+    from bench.runs import Env
+
+    started = time.monotonic()
+    shared = shared_dir(args.shared)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    workdir = out / "work"
+    workdir.mkdir(exist_ok=True)
+    prompts = benchmark_prompts(shared)
+    outputs = shared / "predictions" / "1B"
+    wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(wanted) - {"overhead", "latency", "batching", "cache"}
+    if unknown:
+        print(f"bench: unknown scenario(s) {sorted(unknown)}", file=sys.stderr)
+        return 2
+
+    base: dict[str, Any] = {
+        "kafka_bootstrap_servers": args.bootstrap,
+        "redis_url": args.redis_url,
+        "engine": "replay",
+        "replay_path": str(outputs),
+        "max_new_tokens": args.max_new_tokens or 4096,
+        "cache_ttl_s": 600,  # bench keys are salted per worker: let Redis forget them soon
+        "log_format": "text",
+        "log_level": "INFO",
+        "grace_period_s": 20,
+    }
+    free_model = {
+        "GUARDSTREAM_BENCH_BACKEND": "hashreplay",
+        "GUARDSTREAM_BENCH_OUTPUTS": str(outputs),
+    }
+    cost_ms = None
+    if args.engine == "hf":
+        if not args.model:
+            print("bench: --engine hf needs --model DIR (or --model tiny)", file=sys.stderr)
+            return 2
+        model = _tiny_model(out) if args.model == "tiny" else Path(args.model)
+        hf = {
+            "engine": "hf",
+            "hf_model_path": str(model.resolve()),
+            "hf_device": args.hf_device,
+            "max_new_tokens": args.max_new_tokens or 32,
+        }
+        model_env = {"GUARDSTREAM_BENCH_BACKEND": "engine"}
+        model_settings: dict[str, Any] = hf
+        overhead_env, overhead_settings = model_env, hf
+        model_name = f"hf {model.name}, max_new_tokens {hf['max_new_tokens']}"
+        overhead_model = model_name
+    else:
+        a, b = float(args.cost_a_ms), float(args.cost_b_ms)
+        model_env = {
+            "GUARDSTREAM_BENCH_BACKEND": "standin",
+            "GUARDSTREAM_BENCH_OUTPUTS": str(outputs),
+            "GUARDSTREAM_BENCH_COST_A_MS": str(a),
+            "GUARDSTREAM_BENCH_COST_B_MS": str(b),
+        }
+        model_settings = {}
+        overhead_env, overhead_settings = free_model, {}
+        model_name = f"stand-in {a:g} ms + {b:g} ms x batch"
+        overhead_model = "replay by hash (free)"
+
+        def cost_ms(batch: float) -> float:
+            return a + b * batch
+
+    plan = scenarios.Plan(
+        n=args.n,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        batch_size=args.batch_size,
+        max_wait_ms=args.max_wait_ms,
+        in_flight=args.in_flight,
+        loads=_floats(args.loads),
+        load_seconds=args.load_seconds,
+        capacity_seconds=args.capacity_seconds,
+        settle_seconds=args.settle_seconds,
+        sweep_sizes=_ints(args.sweep_sizes),
+        sweep_waits=_floats(args.sweep_waits),
+        sweep_in_flight=_ints(args.sweep_in_flight),
+        sweep_seconds=args.sweep_seconds,
+        probe_seconds=args.probe_seconds,
+        probe_start=args.probe_start,
+        probe_step=args.probe_step,
+        repeat_fractions=_floats(args.repeat_fractions),
+        cache_modes=[m.strip() == "on" for m in args.cache_modes.split(",") if m.strip()],
+        model_env=model_env,
+        model_settings=model_settings,
+        overhead_env=overhead_env,
+        overhead_settings=overhead_settings,
+        cost_ms=cost_ms,
+    )
+    env = Env(
+        bootstrap=args.bootstrap,
+        redis_url=args.redis_url,
+        partitions=args.partitions,
+        workdir=workdir,
+        bench_env={},
+        base_settings=base,
+        quiet=args.no_progress,
+        code_root=args.code,
+        keep_logs=args.keep_logs,
+    )
+    results: dict[str, Any] = {
+        "meta": {
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "quick": args.quick,
+            "argv": sys.argv[1:],
+            "model": model_name,
+            "overhead_model": overhead_model,
+            "partitions": args.partitions,
+            "plan": {k: v for k, v in vars(plan).items() if k != "cost_ms"},
+        }
+    }
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    say(f"bench: {', '.join(wanted)}; output in {out}")
+    if "overhead" in wanted:
+        say("1. pipeline overhead")
+        results["overhead"] = scenarios.overhead(env, plan, prompts, say)
+    reference = None
+    if "latency" in wanted:
+        say("2. latency under load")
+        results["latency"] = scenarios.latency(env, plan, prompts, say)
+        reference = results["latency"]["capacity"] / 2
+    if "batching" in wanted:
+        say("3. batching")
+        results["batching"] = scenarios.batching(env, plan, prompts, say, reference)
+    if "cache" in wanted:
+        say("4. cache and dedupe")
+        results["cache"] = scenarios.cache(env, plan, prompts, say)
+    results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    text = report.tables(results)
+    say("\n" + text)
+    report.write_json(results, out / "results.json")
+    (out / "results.md").write_text(text + "\n")
+    pngs = report.plots(results, out)
+    say(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in pngs))
+    say(f"bench: done in {results['meta']['seconds']:.0f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))

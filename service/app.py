@@ -60,6 +60,8 @@ class Runtime:
             web_in_thread=False,
             table_cleanup_interval=60.0,
             broker_commit_interval=1.0,
+            broker_session_timeout=settings.kafka_session_timeout_s,
+            broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
             worker_redirect_stdouts=False,
         )
         raw = {

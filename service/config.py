@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     web_host: str = "0.0.0.0"  # noqa: S104 - a pod serves its probes on all interfaces
     web_port: int = Field(6066, ge=1, le=65535)
     grace_period_s: float = Field(30.0, gt=0)
+    #: How long the group waits for a member that stopped heart-beating (a killed pod) before
+    #: its partitions move to the others: the failover time after a crash. Kafka's broker
+    #: accepts 6 s to 30 min by default.
+    kafka_session_timeout_s: float = Field(20.0, ge=6, le=1800)
     traces_exporter: Literal["none", "console", "otlp"] = "none"
     metrics_exporter: Literal["prometheus", "otlp", "none"] = "prometheus"
     otlp_endpoint: str | None = None

@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     shared = shared_dir(args.shared)
-    out: Path = args.out
+    out: Path = args.out.resolve()  # the workers run in folders of their own: no relative paths
     out.mkdir(parents=True, exist_ok=True)
     workdir = out / "work"
     workdir.mkdir(exist_ok=True)

@@ -66,6 +66,9 @@ _KEY_VALUE = re.compile(
     re.IGNORECASE,
 )
 _HEADING = re.compile(r"^\s*#")
+# What every answers header, label line, heading, ``---`` rule and blank line starts with (a
+# superset of them): a line this does not match is plain text, and one match is all it costs.
+_NOTABLE = re.compile(r"^[\s*-]*(?:#|answer|request|completion|response|_|$)", re.IGNORECASE)
 _RULE = re.compile(r"^\s*(?:-{3,}|\*{3,}|_{3,})\s*$")
 _MAX_HEADING = 1000  # longer heading lines are read cut: keeps the patterns linear
 _TASK_HEADING = re.compile(r"^\s*#+\s*task\s*(?P<n>\d+)\b\s*:?\s*(?P<rest>.*)$", re.IGNORECASE)
@@ -191,6 +194,9 @@ def _read(text: str) -> _Reading:
     i = 0
     while i < len(lines):
         line = lines[i]
+        if not _NOTABLE.match(line) or not line.strip():  # plain text, or blank
+            i += 1
+            continue
         header = _HEADER.match(line)
         if header or _LABEL_LINE.match(line):
             first = (header.group("rest") or "") if header else line
@@ -198,10 +204,16 @@ def _read(text: str) -> _Reading:
             reading.blocks.append(_join(first, body))
             collecting = None
             continue
-        heading = line[:_MAX_HEADING] if _HEADING.match(line) else ""
-        conclusion = _CONCLUSION_HEADING.match(heading)
-        task_heading = _TASK_HEADING.match(heading)
-        step = _STEP_HEADING.match(heading)
+        if not _HEADING.match(line):
+            i += 1
+            continue
+        heading = line[:_MAX_HEADING]
+        # Each pattern needs its word: look for the words first (casefold: case-insensitively,
+        # as the patterns match), the patterns only where they are.
+        folded = heading.casefold()
+        conclusion = _CONCLUSION_HEADING.match(heading) if "conclusion" in folded else None
+        task_heading = _TASK_HEADING.match(heading) if "task" in folded else None
+        step = _STEP_HEADING.match(heading) if "reasoning step" in folded else None
         if not (conclusion or task_heading or step):
             i += 1
             continue
@@ -246,7 +258,9 @@ def _paragraph(lines: list[str], start: int, *, skip_blank: bool) -> tuple[list[
     body: list[str] = []
     while i < len(lines):
         line = lines[i]
-        if not line.strip() or _HEADING.match(line) or _HEADER.match(line) or _RULE.match(line):
+        if _NOTABLE.match(line) and (
+            not line.strip() or _HEADING.match(line) or _HEADER.match(line) or _RULE.match(line)
+        ):
             break
         body.append(line)
         i += 1

@@ -75,19 +75,22 @@ class PromptStore:
                     del self._waiters[prompt_id]
 
     def sweep(self) -> int:
-        """Drop entries older than the TTL, then the oldest beyond `max_entries`."""
+        """Drop entries older than the TTL; then, when more than `max_entries` are left, the
+        oldest, down to nine tenths of it: a full table is swept once per tenth of its size, not
+        on every put (a full scan and sort of the table each time)."""
         now = self._clock()
-        doomed = [
+        doomed = {
             k
             for k, v in list(self._data.items())
             if not isinstance(v, dict) or now - float(v.get("ts", 0)) > self.ttl_s
-        ]
-        excess = len(self._data) - len(doomed) - self.max_entries
-        if excess > 0:
+        }
+        left = len(self._data) - len(doomed)
+        if left > self.max_entries:
+            target = self.max_entries - self.max_entries // 10
             alive = sorted(
-                ((float(v["ts"]), k) for k, v in self._data.items() if k not in set(doomed)),
+                (float(v["ts"]), k) for k, v in list(self._data.items()) if k not in doomed
             )
-            doomed += [k for _, k in alive[:excess]]
+            doomed.update(k for _, k in alive[: left - target])
         for key in doomed:
             value = self._data.pop(key, None)
             partition = value.get("p") if isinstance(value, dict) else None

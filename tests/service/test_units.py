@@ -53,6 +53,23 @@ async def test_prompt_store_bounded_by_size_drops_oldest() -> None:
     assert store.get("p0") is None and store.get("p4") == "t4"
 
 
+async def test_full_prompt_store_is_swept_in_steps_not_on_every_put() -> None:
+    store, log, clock = _store(ttl=10_000, size=100)
+    for i in range(101):
+        clock.now += 1
+        store.put(f"p{i}", f"t{i}", 0)
+    # over the bound: the oldest go, down to nine tenths of it
+    assert len(store) == 90
+    assert store.get("p10") is None and store.get("p11") == "t11"
+    deletions = sum(1 for _, _, v in log if v is None)
+    assert deletions == 11
+    for i in range(101, 111):  # back up to the bound: no sweep, nothing deleted
+        clock.now += 1
+        store.put(f"p{i}", f"t{i}", 0)
+    assert len(store) == 100
+    assert sum(1 for _, _, v in log if v is None) == deletions
+
+
 async def test_waiting_response_is_woken_by_its_prompt() -> None:
     store, _, _ = _store()
     waiter = asyncio.create_task(store.wait_for("p9", 5))

@@ -1,5 +1,6 @@
-"""The processes under test: the guardstream worker (`python -m bench.worker`) and the aiokafka
-baseline (`python -m bench.baseline`), each a subprocess with its own log file."""
+"""The processes under test: the guardstream worker (`python -m bench.worker`), the aiokafka
+baseline (`python -m bench.baseline`) and the bare Faust agent (`python -m bench.faust_floor`),
+each a subprocess with its own log file."""
 
 from __future__ import annotations
 
@@ -136,11 +137,24 @@ class WorkerProc(Proc):
 
 
 class BaselineProc(Proc):
-    def __init__(self, bootstrap: str, src: str, dst: str, group: str, workdir: Path) -> None:
+    """A forwarder without the worker: `bench.baseline` (aiokafka alone) or `bench.faust_floor`
+    (a bare Faust agent)."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        src: str,
+        dst: str,
+        group: str,
+        workdir: Path,
+        *,
+        module: str = "bench.baseline",
+        extra: list[str] | None = None,
+    ) -> None:
         argv = [
             sys.executable,
             "-m",
-            "bench.baseline",
+            module,
             "--bootstrap",
             bootstrap,
             "--input",
@@ -149,5 +163,8 @@ class BaselineProc(Proc):
             dst,
             "--group",
             group,
+            *(extra or []),
         ]
-        super().__init__(argv, _env({}), workdir, workdir / "baseline.log")
+        log = workdir / f"{module.rsplit('.', 1)[-1]}.log"
+        # cwd is the work folder: Faust writes its data folder there, not into the repository.
+        super().__init__(argv, _env({}), workdir, log)

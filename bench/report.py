@@ -50,7 +50,9 @@ def tables(results: dict[str, Any]) -> str:
         out.append(table(["system", "msg/s", "min", "max", "CPU us/msg"], rows))
         out.append(
             f"\nratio worker/baseline: cache off {o['ratio_cache_off']:.3f} "
-            f"(per round {o['ratio_cache_off_per_round']}), cache on {o['ratio_cache_on']:.3f}\n"
+            f"(per round {o['ratio_cache_off_per_round']}), cache on {o['ratio_cache_on']:.3f}; "
+            f"bare Faust agent/baseline {o['ratio_faust_floor']:.3f}, worker (cache off)/bare "
+            f"Faust agent {o['ratio_cache_off_to_floor']:.3f}\n"
         )
     if "latency" in results:
         lat = results["latency"]
@@ -221,7 +223,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         lo = [m - o["summary"][n]["min_rate"] for n, m in zip(names, med, strict=True)]
         hi = [o["summary"][n]["max_rate"] - m for n, m in zip(names, med, strict=True)]
         fig, ax = plt.subplots(figsize=(7, 4))
-        ax.bar(names, med, yerr=[lo, hi], capsize=6, color=["#888", "#3a7", "#37a"])
+        colours = ["#888", "#b84", "#3a7", "#37a"][: len(names)]
+        ax.bar(names, med, yerr=[lo, hi], capsize=6, color=colours)
         ax.set_ylabel("messages/s (end to end)")
         ax.set_title(
             f"Pipeline overhead, {o['n']:,} messages: worker/baseline = "

@@ -119,17 +119,22 @@ def worker_target(
 
 
 @contextmanager
-def baseline_target(env: Env) -> Iterator[Target]:
+def baseline_target(env: Env, *, faust_floor: bool = False) -> Iterator[Target]:
+    """The aiokafka baseline, or with `faust_floor` the bare Faust agent (`bench.faust_floor`)."""
     rid = _run_id()
     prefix = f"gsbench-{rid}"
     src, dst = f"{prefix}.in", f"{prefix}.out"
     asyncio.run(create_topics(env.bootstrap, [src, dst], env.partitions))
     workdir = env.workdir / prefix
-    proc = BaselineProc(env.bootstrap, src, dst, prefix, workdir)
+    if faust_floor:
+        module, extra = "bench.faust_floor", ["--partitions", str(env.partitions)]
+    else:
+        module, extra = "bench.baseline", []
+    proc = BaselineProc(env.bootstrap, src, dst, prefix, workdir, module=module, extra=extra)
     proc.start()
     ok = False
     try:
-        yield Target("baseline", src, dst, proc)
+        yield Target("faust floor" if faust_floor else "baseline", src, dst, proc)
         ok = True
     finally:
         proc.stop()

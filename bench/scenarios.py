@@ -73,10 +73,12 @@ def _stamp() -> str:
 
 
 def overhead(env: Env, plan: Plan, prompts: Sequence[str], say: Say) -> dict[str, Any]:
-    """The same `n` messages through the aiokafka baseline and through the worker (cache off and
-    on), in alternating order, `rounds` times; end to end, first produce to last output."""
+    """The same `n` messages through the aiokafka baseline, a bare Faust agent (the floor of any
+    Faust worker) and the worker (cache off and on), in alternating order, `rounds` times; end
+    to end, first produce to last output."""
     configs: list[tuple[str, dict[str, Any] | None]] = [
         ("baseline", None),
+        ("faust floor", None),
         ("worker cache off", {**plan.overhead_settings, "cache_enabled": False}),
         ("worker cache on", {**plan.overhead_settings, "cache_enabled": True}),
     ]
@@ -89,7 +91,7 @@ def overhead(env: Env, plan: Plan, prompts: Sequence[str], say: Say) -> dict[str
             warm = _warm(prompts, plan.warmup, f"w{run}")
             label = f"overhead {rnd + 1}/{plan.rounds}: {name}"
             if settings is None:
-                with baseline_target(env) as target:
+                with baseline_target(env, faust_floor=name == "faust floor") as target:
                     timed = run_messages(env, target, warm, messages, label=label)
             else:
                 with worker_target(env, settings, plan.overhead_env) as target:
@@ -121,6 +123,11 @@ def overhead(env: Env, plan: Plan, prompts: Sequence[str], say: Say) -> dict[str
         "summary": summary,
         "ratio_cache_off": round(summary["worker cache off"]["median_rate"] / base, 4),
         "ratio_cache_on": round(summary["worker cache on"]["median_rate"] / base, 4),
+        # the most a Faust agent reaches here, and how much of it the worker keeps
+        "ratio_faust_floor": round(summary["faust floor"]["median_rate"] / base, 4),
+        "ratio_cache_off_to_floor": round(
+            summary["worker cache off"]["median_rate"] / summary["faust floor"]["median_rate"], 4
+        ),
         "ratio_cache_off_per_round": [
             round(w["rate"] / b["rate"], 4)
             for w, b in zip(runs["worker cache off"], runs["baseline"], strict=True)

@@ -52,7 +52,7 @@ def _results(out: Path) -> dict[str, Any]:
 
 def test_overhead_rates_and_ratio(quick_run: Path) -> None:
     o = _results(quick_run)["overhead"]
-    for name in ("baseline", "worker cache off", "worker cache on"):
+    for name in ("baseline", "faust floor", "worker cache off", "worker cache on"):
         rows = o["runs"][name]
         assert rows, name
         for row in rows:
@@ -62,6 +62,9 @@ def test_overhead_rates_and_ratio(quick_run: Path) -> None:
             assert row["cpu_us_per_msg"] > 0
     assert 0 < o["ratio_cache_off"] < 10
     assert 0 < o["ratio_cache_on"] < 10
+    assert 0 < o["ratio_faust_floor"] < 10
+    # the worker does everything the bare Faust agent does, and more
+    assert 0 < o["ratio_cache_off_to_floor"] < 1.5
 
 
 def test_latency_percentiles_are_ordered(quick_run: Path) -> None:

@@ -154,7 +154,11 @@ def tables(results: dict[str, Any]) -> str:
         out.append("")
     if "cache" in results:
         c = results["cache"]
-        out.append("## 4. Cache and dedupe (saturation, repeats from a hot set of 50 texts)\n")
+        out.append(
+            "## 4. Cache and dedupe (saturation, repeats from a hot set of 50 texts; model: "
+            f"{results['meta']['model']}, {_knobs(c['settings'])}: the model is the "
+            "bottleneck)\n"
+        )
         rows = [
             [
                 "on" if r["cache"] else "off",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -403,6 +404,17 @@ def batching(
 # --- 4. cache and dedupe -------------------------------------------------------------------------
 
 
+def _cache_backlog(batch_size: int, in_flight: int, repeat_fraction: float) -> int:
+    """Messages the closed loop keeps outstanding: enough that the misses among them could fill
+    every batch the model may run four times over. A hit is published in offset order, behind
+    the misses read before it on its partition, so it holds its place in the window about as
+    long as a miss does; with a window sized for misses alone, too few misses arrive between two
+    model calls to fill a batch, and the gain hides (a producer with a real backlog, where the
+    worker reads ahead, is not capped like that)."""
+    misses = 4 * batch_size * in_flight
+    return max(200, math.ceil(misses / max(1.0 - repeat_fraction, 0.05)))
+
+
 def cache(env: Env, plan: Plan, prompts: Sequence[str], say: Say) -> dict[str, Any]:
     """Streams where a fraction of messages repeat texts of a small hot set (greetings, spam),
     with the cache on and off: model calls avoided (cache hits, in-batch dedupes) and the
@@ -426,7 +438,7 @@ def cache(env: Env, plan: Plan, prompts: Sequence[str], say: Say) -> dict[str, A
                     target,
                     warm,
                     messages,
-                    backlog=max(200, 2 * plan.batch_size * in_flight),
+                    backlog=_cache_backlog(plan.batch_size, in_flight, fraction),
                     seconds=plan.sweep_seconds,
                     settle=plan.settle_seconds,
                     label=label,

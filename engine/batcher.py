@@ -140,12 +140,24 @@ class MicroBatcher(Generic[T, R]):
         """
         key: Hashable = self._key(item) if self._key is not None else next(self._serial)
         while True:
-            if self._closed:
-                raise BatcherClosed(f"{self.name} is closed")
-            batch = self._current
-            if batch is None or key in batch.entries or len(batch.entries) < self._max_batch_size:
-                break
+            fut = self._submit(item, key)
+            if fut is not None:
+                return fut
             await self._wait_change()
+
+    def submit_nowait(self, item: T) -> asyncio.Future[R] | None:
+        """`submit` without the wait: the item's future, or None (and nothing queued) when
+        `submit` would have waited. Raises `BatcherClosed` once `close` has begun."""
+        key: Hashable = self._key(item) if self._key is not None else next(self._serial)
+        return self._submit(item, key)
+
+    def _submit(self, item: T, key: Hashable) -> asyncio.Future[R] | None:
+        if self._closed:
+            raise BatcherClosed(f"{self.name} is closed")
+        batch = self._current
+        if batch is not None and key not in batch.entries:
+            if len(batch.entries) >= self._max_batch_size:
+                return None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[R] = loop.create_future()
         if batch is None:

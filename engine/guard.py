@@ -4,8 +4,13 @@
     await guard.start()
     result = await guard.moderate(ModerationRequest(prompt="...", response=None))
 
-Per batch: one cache round trip for all keys, identical requests deduplicated (by cache key),
-only the misses sent to the backend, with a timeout and bounded retries. An engine failure never
+Two stages. With a cache, requests are first looked up in batches of their own (one `MGET` round
+trip per batch, started as soon as a lookup slot is free, so they coalesce under load and add no
+wait when idle): a hit is answered there and never takes a place in a model batch or one of the
+`max_in_flight` model slots, which only misses fill. A miss whose key is already being generated
+joins that generation instead of starting another. The model batches deduplicate identical
+requests (by cache key) and go to the backend with a timeout and bounded retries; their verdicts
+are stored in the cache. An engine failure never
 raises out of the guard: the request gets a verdict with `engine_error` set and no labels, and
 the caller applies its failure policy. A batch that keeps failing is split so that one poison
 input cannot take its neighbours down with it.
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Tracer
 
 from engine.backends.base import Backend, Generation
-from engine.batcher import MicroBatcher
+from engine.batcher import BatcherClosed, MicroBatcher
 from engine.cache import VerdictCache, cache_key
 from engine.parser import parse
 from engine.prompt import TEMPLATE_VERSION, build_model_input
@@ -53,6 +58,31 @@ class _Pending:
     parents: list[Parent] | None = None  # callers' span contexts, only when tracing
 
 
+#: A lookup's answer for one key: the cached verdict (or None), when its batch started, its size.
+_Looked = tuple[Verdict | None, float, int]
+
+#: Concurrent cache lookup batches (MGET round trips) the guard runs.
+LOOKUP_IN_FLIGHT = 4
+
+
+def _chain(
+    source: asyncio.Future[ModerationResult], target: asyncio.Future[ModerationResult]
+) -> None:
+    """Settle `target` as `source` settles."""
+
+    def settle(done: asyncio.Future[ModerationResult]) -> None:
+        if target.done():
+            return
+        if done.cancelled():
+            target.set_exception(BatcherClosed("the request it joined was cancelled"))
+        elif (exc := done.exception()) is not None:
+            target.set_exception(exc)
+        else:
+            target.set_result(done.result())
+
+    source.add_done_callback(settle)
+
+
 def _join_parents(first: _Pending, duplicate: _Pending) -> None:
     if duplicate.parents:
         first.parents = (first.parents or []) + duplicate.parents
@@ -64,7 +94,9 @@ class GuardStats:
     cache_hits: int = 0
     generated: int = 0
     engine_errors: int = 0
-    batches: int = 0
+    joined: int = 0  # misses that joined a generation of the same key already under way
+    lookups: int = 0  # cache lookup batches
+    batches: int = 0  # model batches
     tokens: int = 0  # generated tokens, as the backend counted them
 
 
@@ -107,6 +139,22 @@ class Guard:
             name="guard",
             on_duplicate=_join_parents if tracer is not None else None,
         )
+        self._lookups: MicroBatcher[_Pending, _Looked] | None = None
+        if cache is not None:
+            self._lookups = MicroBatcher(
+                self._lookup,
+                max_batch_size=max(4 * max_batch_size, 64),
+                max_wait_ms=0.0,
+                max_in_flight=LOOKUP_IN_FLIGHT,
+                key=lambda p: p.key,
+                name="guard-cache",
+                on_duplicate=_join_parents if tracer is not None else None,
+            )
+        # Requests between `submit` and their result. Hits leave within a round trip, so this
+        # bounds the misses waiting for the model: enough to fill every model slot twice over.
+        self._admission = asyncio.Semaphore(2 * max_batch_size * (max_in_flight + 1))
+        self._generating: dict[str, asyncio.Future[ModerationResult]] = {}
+        self._forwarding: set[asyncio.Task[None]] = set()
 
     @property
     def model_id(self) -> str:
@@ -124,6 +172,13 @@ class Guard:
         await self.backend.start()
 
     async def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
+        if self._lookups is not None:
+            await self._lookups.close(drain=drain, timeout=timeout)
+        if self._forwarding:
+            if not drain:
+                for task in self._forwarding:
+                    task.cancel()
+            await asyncio.wait(list(self._forwarding), timeout=timeout)
         await self._batcher.close(drain=drain, timeout=timeout)
         await self.backend.close()
         if self.cache is not None:
@@ -145,7 +200,82 @@ class Guard:
         if self._tracing is not None:
             parent = current_parent()
             pending.parents = [parent] if parent is not None else None
-        return await self._batcher.submit(pending)
+        if self._lookups is None:
+            return await self._batcher.submit(pending)
+        await self._admission.acquire()
+        try:
+            looked = await self._lookups.submit(pending)
+        except BaseException:
+            self._admission.release()
+            raise
+        result: asyncio.Future[ModerationResult] = asyncio.get_running_loop().create_future()
+        result.add_done_callback(lambda _: self._admission.release())
+        looked.add_done_callback(lambda done: self._looked(pending, done, result))
+        return result
+
+    # --- stage one: cache lookups ------------------------------------------------------------
+
+    async def _lookup(self, items: list[_Pending]) -> list[_Looked]:
+        assert self.cache is not None
+        started = time.monotonic()
+        self.stats.lookups += 1
+        found = await self.cache.get_many([p.key for p in items])
+        if self._tracing is not None:
+            bt = self._tracing.lookup([p.parents or [] for p in items], started)
+            bt.cache_lookup(started, time.monotonic(), [v is not None for v in found])
+            bt.end()
+        return [(verdict, started, len(items)) for verdict in found]
+
+    def _looked(
+        self,
+        pending: _Pending,
+        looked: asyncio.Future[_Looked],
+        result: asyncio.Future[ModerationResult],
+    ) -> None:
+        if result.done():  # the caller gave up
+            return
+        if looked.cancelled():
+            result.set_exception(BatcherClosed("the cache lookup was cancelled"))
+            return
+        if (exc := looked.exception()) is not None:
+            result.set_exception(exc)
+            return
+        hit, started, size = looked.result()
+        if hit is not None:
+            self.stats.cache_hits += 1
+            wait_ms = (started - pending.enqueued) * 1000
+            result.set_result(ModerationResult(hit, True, pending.key, size, wait_ms))
+            return
+        under_way = self._generating.get(pending.key)
+        if under_way is not None:
+            self.stats.joined += 1
+            _chain(under_way, result)
+            return
+        self._generating[pending.key] = result
+        result.add_done_callback(lambda _: self._generating.pop(pending.key, None))
+        try:
+            queued = self._batcher.submit_nowait(pending)
+        except BatcherClosed as closed:
+            result.set_exception(closed)
+            return
+        if queued is not None:
+            _chain(queued, result)
+            return
+        task = asyncio.get_running_loop().create_task(self._forward(pending, result))
+        self._forwarding.add(task)
+        task.add_done_callback(self._forwarding.discard)
+
+    async def _forward(self, pending: _Pending, result: asyncio.Future[ModerationResult]) -> None:
+        """A miss that found the model batches full: wait for room (the backpressure)."""
+        try:
+            _chain(await self._batcher.submit(pending), result)
+        except asyncio.CancelledError:
+            if not result.done():
+                result.set_exception(BatcherClosed("guard closed before this request was queued"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - BatcherClosed, handed to the caller
+            if not result.done():
+                result.set_exception(exc)
 
     async def moderate(self, request: ModerationRequest) -> ModerationResult:
         return await (await self.submit(request))
@@ -170,20 +300,9 @@ class Guard:
     ) -> list[ModerationResult]:
         waits = [(started - p.enqueued) * 1000 for p in items]
         self.stats.batches += 1
-        # `is not None`: an empty MemoryVerdictCache is falsy (it has a __len__)
-        cache = self.cache
-        cached = await cache.get_many([p.key for p in items]) if cache is not None else []
-        if bt is not None and cache is not None:
-            bt.cache_lookup(started, time.monotonic(), [c is not None for c in cached])
+        # Every item is a miss: with a cache, hits were answered by the lookup stage.
         results: list[ModerationResult | None] = [None] * len(items)
-        misses: list[int] = []
-        for i, p in enumerate(items):
-            hit = cached[i] if cached else None
-            if hit is not None:
-                self.stats.cache_hits += 1
-                results[i] = ModerationResult(hit, True, p.key, len(items), waits[i])
-            else:
-                misses.append(i)
+        misses = list(range(len(items)))
         generate_ms = 0.0
         if misses:
             inputs = [

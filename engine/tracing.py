@@ -1,12 +1,14 @@
 """Spans of the guard's batches (OpenTelemetry API only; no SDK, no Kafka).
 
 Each request remembers the span that was current when it was submitted (its caller's message
-span). When its batch runs, one `guardstream.batch` span is started for the batch, as the root of
-its own trace, with a link to every such span (deduplicated requests included); its children are
-the batch's `guardstream.cache_lookup`, `guardstream.generate` and `guardstream.cache_store`.
-Each message span gets its own children, made after the fact from the batch's timings:
-`guardstream.batch_wait` (submit to batch start), `guardstream.cache_lookup` (with the message's
-hit or miss) and, for a miss, `guardstream.generate`, linked to the batch's generation span.
+span). With a cache, its key is first looked up in a `guardstream.lookup` batch (a span that is the
+root of its own trace, linked to its messages' spans, with a `guardstream.cache_lookup` child);
+each message span gets a `guardstream.cache_lookup` child with its hit or miss. A miss then
+joins a model batch: one `guardstream.batch` span per batch, also a trace of its own linked to
+every message in it (deduplicated requests included), whose children are the batch's
+`guardstream.generate` and `guardstream.cache_store`. The message spans of a model batch get
+children made after the fact from its timings: `guardstream.batch_wait` (submit to batch start)
+and `guardstream.generate`, linked to the batch's generation span.
 
 The guard only builds a `BatchTracer` when it is given a tracer: without one, none of this runs.
 """
@@ -38,7 +40,13 @@ class BatchTrace:
     """The spans of one running batch; `parents[i]` are the callers of distinct item i."""
 
     def __init__(
-        self, tracer: Tracer, parents: Sequence[Sequence[Parent]], started: float, name: str
+        self,
+        tracer: Tracer,
+        parents: Sequence[Sequence[Parent]],
+        started: float,
+        name: str,
+        span: str = "batch",
+        waits: bool = True,
     ) -> None:
         self._tracer = tracer
         self._parents = parents
@@ -46,7 +54,7 @@ class BatchTrace:
         self._offset_ns = time.time_ns() - int(time.monotonic() * 1e9)
         links = [Link(ctx) for callers in parents for ctx, _ in callers]
         self.span: Span = tracer.start_span(
-            f"{name}.batch",
+            f"{name}.{span}",
             context=Context(),  # a trace of its own, linked to its messages
             kind=SpanKind.INTERNAL,
             links=links,
@@ -58,9 +66,10 @@ class BatchTrace:
         )
         self._name = name
         self._in_batch = trace.set_span_in_context(self.span)
-        for callers in parents:
-            for ctx, enqueued in callers:
-                self._child(ctx, "batch_wait", enqueued, started, {})
+        if waits:
+            for callers in parents:
+                for ctx, enqueued in callers:
+                    self._child(ctx, "batch_wait", enqueued, started, {})
 
     def cache_lookup(self, t0: float, t1: float, hits: Sequence[bool]) -> None:
         span = self._batch_child("cache_lookup", t0)
@@ -127,4 +136,10 @@ class BatchTracer:
         self._name = name
 
     def start(self, parents: Sequence[Sequence[Parent]], started: float) -> BatchTrace:
+        """A model batch: `batch_wait` children for its messages, then its stages."""
         return BatchTrace(self._tracer, parents, started, self._name)
+
+    def lookup(self, parents: Sequence[Sequence[Parent]], started: float) -> BatchTrace:
+        """A cache lookup batch (`guardstream.lookup`), which runs before the model batches;
+        its messages get their `cache_lookup` child from it."""
+        return BatchTrace(self._tracer, parents, started, self._name, "lookup", waits=False)

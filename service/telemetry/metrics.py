@@ -197,13 +197,14 @@ class Metrics:
         self.batch_size = m.create_histogram(
             "guardstream_batch_size",
             unit="{request}",
-            description="Distinct requests per engine batch.",
+            description="Distinct requests per model batch (cache misses; hits never join one).",
             explicit_bucket_boundaries_advisory=BATCH_SIZE_BUCKETS,
         )
         self.batch_wait = m.create_histogram(
             "guardstream_batch_wait",
             unit="s",
-            description="Time a request waited in the batcher before its batch started.",
+            description="Time a cache miss (or, without a cache, any request) waited from submit "
+            "to the start of its model batch.",
             explicit_bucket_boundaries_advisory=BATCH_WAIT_BUCKETS_S,
         )
         self.generation = m.create_histogram(

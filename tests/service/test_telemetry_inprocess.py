@@ -223,15 +223,14 @@ async def test_trace_continues_through_the_guard(traced: Rig, shared_dir: Path) 
         assert message.parent.span_id == int(sent.decode().split("-")[2], 16)
         assert message.kind == SpanKind.CONSUMER
         names = children(message)
-        assert {
-            "guardstream.parse",
-            "guardstream.batch_wait",
-            "guardstream.cache_lookup",
-            "guardstream.produce",
-        } <= set(names), names
+        assert {"guardstream.parse", "guardstream.cache_lookup", "guardstream.produce"} <= set(
+            names
+        ), names
         hit = names["guardstream.cache_lookup"][0].attributes["guardstream.cache.hit"]
         source_id = json.loads(rec.value)["source_id"]
         assert hit is (source_id == "p5")
+        # a hit is answered by its lookup and never waits for a model batch
+        assert ("guardstream.batch_wait" in names) is (not hit), names
         if not hit:
             (gen,) = names["guardstream.generate"]
             (link,) = gen.links
@@ -242,9 +241,13 @@ async def test_trace_continues_through_the_guard(traced: Rig, shared_dir: Path) 
         else:
             assert "guardstream.generate" not in names
 
+    lookups = [s for s in spans if s.name == "guardstream.lookup"]
+    assert lookups and all(s.parent is None for s in lookups)
+    looked_up = {link.context.span_id for s in lookups for link in s.links}
+    assert looked_up == {m.context.span_id for t, m in messages.items() if t != 6}
     batches = [s for s in spans if s.name == "guardstream.batch"]
-    assert len(batches) == 2
-    first = max(batches, key=lambda s: len(s.links))
+    assert len(batches) == 1  # wave one; p5 was a hit and made no model batch
+    first = batches[0]
     assert first.parent is None  # a trace of its own, linked to its messages
     linked = {link.context.span_id for link in first.links}
     wave_one = {m.context.span_id for t, m in messages.items() if t <= 7 and t != 6}
@@ -309,8 +312,8 @@ async def test_counters_move_by_the_stream(traced: Rig, shared_dir: Path) -> Non
     assert value(points, "guardstream_tokens_generated") == rig.guard.stats.tokens > 0
     assert value(points, "guardstream_engine_errors") == 0
     sizes = value(points, "guardstream_batch_size")
-    assert (sizes.count, sizes.sum) == (2, 6)  # 5 distinct, then 1
-    assert value(points, "guardstream_batch_wait").count == 6
+    assert (sizes.count, sizes.sum) == (1, 5)  # 5 distinct misses; wave two's hit made none
+    assert value(points, "guardstream_batch_wait").count == 5  # p4 joined p0 at its lookup
     assert value(points, "guardstream_generation_latency").count == 1  # wave two was all hits
     e2e = {dict(p.attributes)["kind"]: p for p in points["guardstream_end_to_end_latency"]}
     assert e2e["prompt"].count == 6 and e2e["response"].count == 1

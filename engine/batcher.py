@@ -131,8 +131,9 @@ class MicroBatcher(Generic[T, R]):
     def closed(self) -> bool:
         return self._closed
 
-    async def submit(self, item: T) -> asyncio.Future[R]:
-        """Add `item` to the current batch and return its future.
+    async def submit(self, item: T, future: asyncio.Future[R] | None = None) -> asyncio.Future[R]:
+        """Add `item` to the current batch and return its future (`future`, when given: the
+        caller's own, which the batcher then settles).
 
         Waits only while the current batch is full and `max_in_flight` batches are running (an
         item equal to one already in that full batch joins it without waiting). Raises
@@ -140,18 +141,22 @@ class MicroBatcher(Generic[T, R]):
         """
         key: Hashable = self._key(item) if self._key is not None else next(self._serial)
         while True:
-            fut = self._submit(item, key)
+            fut = self._submit(item, key, future)
             if fut is not None:
                 return fut
             await self._wait_change()
 
-    def submit_nowait(self, item: T) -> asyncio.Future[R] | None:
+    def submit_nowait(
+        self, item: T, future: asyncio.Future[R] | None = None
+    ) -> asyncio.Future[R] | None:
         """`submit` without the wait: the item's future, or None (and nothing queued) when
         `submit` would have waited. Raises `BatcherClosed` once `close` has begun."""
         key: Hashable = self._key(item) if self._key is not None else next(self._serial)
-        return self._submit(item, key)
+        return self._submit(item, key, future)
 
-    def _submit(self, item: T, key: Hashable) -> asyncio.Future[R] | None:
+    def _submit(
+        self, item: T, key: Hashable, future: asyncio.Future[R] | None
+    ) -> asyncio.Future[R] | None:
         if self._closed:
             raise BatcherClosed(f"{self.name} is closed")
         batch = self._current
@@ -159,7 +164,7 @@ class MicroBatcher(Generic[T, R]):
             if len(batch.entries) >= self._max_batch_size:
                 return None
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[R] = loop.create_future()
+        fut: asyncio.Future[R] = loop.create_future() if future is None else future
         if batch is None:
             batch = self._current = _Batch()
             batch.timer = loop.call_later(self._max_wait_s, self._on_timer, batch)

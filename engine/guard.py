@@ -5,15 +5,14 @@
     result = await guard.moderate(ModerationRequest(prompt="...", response=None))
 
 Two stages. With a cache, requests are first looked up in batches of their own (one `MGET` round
-trip per batch, started as soon as a lookup slot is free, so they coalesce under load and add no
-wait when idle): a hit is answered there and never takes a place in a model batch or one of the
-`max_in_flight` model slots, which only misses fill. A miss whose key is already being generated
-joins that generation instead of starting another. The model batches deduplicate identical
-requests (by cache key) and go to the backend with a timeout and bounded retries; their verdicts
-are stored in the cache. An engine failure never
-raises out of the guard: the request gets a verdict with `engine_error` set and no labels, and
-the caller applies its failure policy. A batch that keeps failing is split so that one poison
-input cannot take its neighbours down with it.
+trip for the keys of `LOOKUP_WAIT_MS`): a hit is answered there and never takes a place in a
+model batch or one of the `max_in_flight` model slots, which only misses fill. A miss whose key
+is already being generated joins that generation instead of starting another. The model batches
+deduplicate identical requests (by cache key) and go to the backend with a timeout and bounded
+retries; their verdicts are stored in the cache. An engine failure never raises out of the guard:
+the request gets a verdict with `engine_error` set and no labels, and the caller applies its
+failure policy. A batch that keeps failing is split so that one poison input cannot take its
+neighbours down with it.
 """
 
 from __future__ import annotations
@@ -61,8 +60,12 @@ class _Pending:
 #: A lookup's answer for one key: the cached verdict (or None), when its batch started, its size.
 _Looked = tuple[Verdict | None, float, int]
 
-#: Concurrent cache lookup batches (MGET round trips) the guard runs.
-LOOKUP_IN_FLIGHT = 4
+#: Cache lookup batches: one starts this long after its first key (or when full), and this many
+#: MGET round trips run at once. Coalescing the keys of a few ms into one round trip is what keeps
+#: the cache's CPU cost per message small (a round trip per few messages cost ~100 us each); the
+#: second slot keeps lookups going while a slow Redis runs one into its timeout.
+LOOKUP_WAIT_MS = 2.0
+LOOKUP_IN_FLIGHT = 2
 
 
 def _chain(
@@ -144,7 +147,7 @@ class Guard:
             self._lookups = MicroBatcher(
                 self._lookup,
                 max_batch_size=max(4 * max_batch_size, 64),
-                max_wait_ms=0.0,
+                max_wait_ms=LOOKUP_WAIT_MS,
                 max_in_flight=LOOKUP_IN_FLIGHT,
                 key=lambda p: p.key,
                 name="guard-cache",
@@ -209,9 +212,14 @@ class Guard:
             self._admission.release()
             raise
         result: asyncio.Future[ModerationResult] = asyncio.get_running_loop().create_future()
-        result.add_done_callback(lambda _: self._admission.release())
+        result.add_done_callback(lambda _: self._settled(pending.key, result))
         looked.add_done_callback(lambda done: self._looked(pending, done, result))
         return result
+
+    def _settled(self, key: str, result: asyncio.Future[ModerationResult]) -> None:
+        self._admission.release()
+        if self._generating.get(key) is result:
+            del self._generating[key]
 
     # --- stage one: cache lookups ------------------------------------------------------------
 
@@ -252,14 +260,12 @@ class Guard:
             _chain(under_way, result)
             return
         self._generating[pending.key] = result
-        result.add_done_callback(lambda _: self._generating.pop(pending.key, None))
         try:
-            queued = self._batcher.submit_nowait(pending)
+            queued = self._batcher.submit_nowait(pending, result)
         except BatcherClosed as closed:
             result.set_exception(closed)
             return
-        if queued is not None:
-            _chain(queued, result)
+        if queued is not None:  # the batcher settles `result` itself
             return
         task = asyncio.get_running_loop().create_task(self._forward(pending, result))
         self._forwarding.add(task)
@@ -268,7 +274,7 @@ class Guard:
     async def _forward(self, pending: _Pending, result: asyncio.Future[ModerationResult]) -> None:
         """A miss that found the model batches full: wait for room (the backpressure)."""
         try:
-            _chain(await self._batcher.submit(pending), result)
+            await self._batcher.submit(pending, result)
         except asyncio.CancelledError:
             if not result.done():
                 result.set_exception(BatcherClosed("guard closed before this request was queued"))

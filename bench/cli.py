@@ -8,7 +8,7 @@ Redis. Prints tables, writes `results.json` and PNG plots into `--out` (default 
 
 The model stand-in (scenarios 2-4 with the replay engine) sleeps a + b * batch_size per batch.
 Its defaults, a = 500 ms and b = 3 ms, are a GuardReasoner-1B-sized guess for one H100 with
-TensorRT-LLM (see /work/shared/notes): GuardReasoner writes ~280 tokens per verdict; a 1B decode
+TensorRT-LLM (see ../shared/notes): GuardReasoner writes ~280 tokens per verdict; a 1B decode
 step reads ~2.5 GB of BF16 weights, 0.74 ms at 3.35 TB/s, and the 8B online figure (11 ms per
 token against a 4.8 ms roofline) says real steps take ~2.3x their roofline: ~1.7 ms, times ~280
 steps = ~0.5 s a batch. The per-sequence share comes from the 8B saturation figure (16.5k output
@@ -351,6 +351,8 @@ def run(args: argparse.Namespace) -> int:
             "plan": {k: v for k, v in vars(plan).items() if k != "cost_ms"},
         }
     }
+    # results are committed and shared: no path of the machine that made them
+    results["meta"] = portable(results["meta"], {shared: "<shared>", Path.cwd(): "."})
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -383,3 +385,18 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
+
+
+def portable(value: Any, places: dict[Path, str]) -> Any:
+    """`value` (JSON-like) with every string that starts with one of `places` rewritten to start
+    with its name instead (`/data/shared/x` -> `<shared>/x`)."""
+    if isinstance(value, dict):
+        return {k: portable(v, places) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [portable(v, places) for v in value]
+    if isinstance(value, str):
+        for place, name in places.items():
+            root = str(place.resolve())
+            if value == root or value.startswith(root + "/"):
+                return name + value[len(root) :]
+    return value

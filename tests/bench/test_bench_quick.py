@@ -117,3 +117,7 @@ def test_outputs_written(quick_run: Path) -> None:
     assert "ratio worker/baseline" in (quick_run / "stdout.txt").read_text()
     meta = _results(quick_run)["meta"]
     assert meta["quick"] and meta["machine"]["nproc"] >= 1
+    # committed results name no path of the machine that made them
+    outputs = meta["plan"]["model_env"]["GUARDSTREAM_BENCH_OUTPUTS"]
+    assert outputs.startswith("<shared>/"), outputs
+    assert str(Path.cwd().resolve()) not in (quick_run / "results.json").read_text()

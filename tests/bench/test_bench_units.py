@@ -132,3 +132,18 @@ def test_guardstream_bench_is_a_subcommand() -> None:
     args = build_parser().parse_args(["bench", "--quick", "--scenarios", "overhead"])
     assert args.quick and args.scenarios == "overhead"
     assert args.func.__module__ == "service.commands.bench_cmd"
+
+
+def test_portable_rewrites_only_paths_under_the_places(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    meta = {
+        "env": {"OUTPUTS": f"{shared}/predictions/1B", "OTHER": f"{tmp_path}/sharedx/y"},
+        "argv": ["--out", str(tmp_path / "out"), "--n", "5"],
+        "n": 5,
+    }
+    got = cli.portable(meta, {shared: "<shared>", tmp_path / "out": "."})
+    assert got == {
+        "env": {"OUTPUTS": "<shared>/predictions/1B", "OTHER": f"{tmp_path}/sharedx/y"},
+        "argv": ["--out", ".", "--n", "5"],
+        "n": 5,
+    }

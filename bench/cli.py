@@ -396,7 +396,7 @@ def portable(value: Any, places: dict[Path, str]) -> Any:
         return [portable(v, places) for v in value]
     if isinstance(value, str):
         for place, name in places.items():
-            root = str(place.resolve())
-            if value == root or value.startswith(root + "/"):
-                return name + value[len(root) :]
+            for root in {str(place.absolute()), str(place.resolve())}:  # as given, and real
+                if value == root or value.startswith(root + "/"):
+                    return name + value[len(root) :]
     return value

@@ -142,6 +142,9 @@ def test_portable_rewrites_only_paths_under_the_places(tmp_path: Path) -> None:
         "n": 5,
     }
     got = cli.portable(meta, {shared: "<shared>", tmp_path / "out": "."})
+    link = tmp_path / "link"
+    link.symlink_to(shared, target_is_directory=True)
+    assert cli.portable(f"{link}/a", {link: "<shared>"}) == "<shared>/a"  # the path as given
     assert got == {
         "env": {"OUTPUTS": "<shared>/predictions/1B", "OTHER": f"{tmp_path}/sharedx/y"},
         "argv": ["--out", ".", "--n", "5"],

@@ -2,10 +2,12 @@
 
 - `/healthz` (liveness): 200 while the process runs and its event loop is responsive: a timer
   beats every second; when the last beat is older than `STALE_AFTER_S`, 503.
-- `/readyz` (readiness): 200 when the engine is loaded, Kafka partitions are assigned and
-  flowing (no rebalance under way), and the verdict cache is available or allowed to be
-  degraded (GUARDSTREAM_CACHE_REQUIRED=false); else 503. The JSON body says which check failed
-  and the cache's state either way.
+- `/readyz` (readiness): 200 when the engine is loaded, the worker has joined its consumer
+  group and is flowing (no rebalance under way), and the verdict cache is available or allowed
+  to be degraded (GUARDSTREAM_CACHE_REQUIRED=false); else 503. A replica that the group gave no
+  partition (more replicas than partitions: a hot spare) is ready too; its body says
+  `"kafka_partitions": 0`. The JSON body says which check failed and the cache's state either
+  way.
 - `/metrics`: the Prometheus text exposition of `service.telemetry.metrics` (404 when
   GUARDSTREAM_METRICS_EXPORTER is not `prometheus`).
 
@@ -66,18 +68,21 @@ class Health:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         app = self._app
+        # A generation is set by every assignment the group coordinator hands out, an empty one
+        # included; it is 0 until the first join.
+        joined = int(getattr(app, "consumer_generation_id", 0) or 0) > 0
         try:
-            assigned = bool(app.consumer.assignment())
+            partitions = len(app.consumer.assignment())
         except Exception:  # noqa: BLE001 - the consumer is not started yet
-            assigned = False
-        consuming = assigned and not app.rebalancing and app.flow_control.is_active()
+            partitions = 0
+        consuming = joined and not app.rebalancing and app.flow_control.is_active()
         cache = self._guard.cache
         required = self._settings.cache_required
         state = getattr(cache, "state", "closed") if cache is not None else None
         available = cache.available if cache is not None else False
         checks = {
             "engine_loaded": self._engine_loaded.is_set(),
-            "kafka_assigned": assigned,
+            "kafka_joined": joined,
             "consuming": consuming,
             "cache_ok": available or not required or cache is None,
         }
@@ -85,6 +90,7 @@ class Health:
         body: dict[str, Any] = {
             "ready": ready,
             **checks,
+            "kafka_partitions": partitions,
             "cache": {
                 "enabled": cache is not None,
                 "required": required,

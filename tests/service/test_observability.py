@@ -297,7 +297,7 @@ async def test_readyz_follows_redis_when_the_cache_is_required(
             await asyncio.sleep(0.5)
         status, body = _readyz(required)
         assert status == 503, body
-        assert body["cache_ok"] is False and body["engine_loaded"] and body["kafka_assigned"]
+        assert body["cache_ok"] is False and body["engine_loaded"] and body["kafka_joined"]
         assert body["cache"]["degraded"] is True and body["cache"]["state"] != "closed"
         status, body = _readyz(optional)
         assert status == 200, body  # optional cache: degraded, still ready
@@ -319,3 +319,39 @@ async def test_readyz_follows_redis_when_the_cache_is_required(
     changes = [line for line in logs if line.get("cache_state")]
     assert [c["cache_state"] for c in changes][:1] == ["open"]
     assert "closed" in [c["cache_state"] for c in changes]
+
+
+async def test_replicas_beyond_the_partitions_are_ready_hot_spares(
+    tmp_path: Path, shared_dir: Path, base_env: dict[str, str]
+) -> None:
+    """Three workers of one group on single-partition topics: one holds the input partitions,
+    one at most a standby of the prompt table, the third nothing. All three must be ready (a
+    Kubernetes rollout waits for readiness), and each says how many partitions it holds."""
+    env = {
+        **base_env,
+        **topic_env(uuid.uuid4().hex[:10]),
+        "GUARDSTREAM_REPLAY_PATH": str(
+            replay_folder(tmp_path, shared_dir, "1B", ["SimpleSafetyTests"])
+        ),
+        "GUARDSTREAM_TOPIC_PARTITIONS": "1",
+        "GUARDSTREAM_CACHE_ENABLED": "false",
+    }
+    workers = [Worker(env, tmp_path / f"worker{i}.log") for i in range(3)]
+    try:
+        for worker in workers:
+            worker.start(timeout=90)  # raises unless /readyz answers 200
+        # the last join rebalanced the others: wait until all of them are flowing again
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            answers = [_readyz(w) for w in workers]
+            if all(status == 200 for status, _ in answers):
+                break
+            await asyncio.sleep(0.5)
+        assert [status for status, _ in answers] == [200, 200, 200], answers
+        held = sorted(body["kafka_partitions"] for _, body in answers)
+        assert held[0] == 0, answers  # a spare with nothing assigned is ready
+        assert held[-1] >= 2, answers  # prompts and responses partitions went to one worker
+        assert all(body["kafka_joined"] and body["consuming"] for _, body in answers)
+    finally:
+        for worker in workers:
+            worker.stop()

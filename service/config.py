@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     openai_base_url: str | None = None
     openai_api_key: SecretStr | None = None
     openai_max_concurrency: int = Field(64, ge=1)
+    #: The name the completions server serves the model under, sent as the request's "model";
+    #: unset: GUARDSTREAM_MODEL.
+    openai_served_model: str | None = Field(None, min_length=1)
     max_new_tokens: int = Field(2048, ge=1)
     batch_max_size: int = Field(32, ge=1)
     batch_max_wait_ms: float = Field(20.0, ge=0)

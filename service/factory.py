@@ -43,6 +43,7 @@ def build_backend(settings: Settings) -> Backend:
             api_key=key.get_secret_value() if key else None,
             max_concurrency=settings.openai_max_concurrency,
             timeout_s=settings.engine_timeout_s,
+            served_model=settings.openai_served_model,
         )
     from engine.backends.trtllm import TrtllmBackend
 

@@ -12,8 +12,12 @@ backoff and jitter (`backoff_s * 2**attempt`, times 0.5-1.5), or after the serve
 server at all (connection refused or connect timeout) is it a `BackendError`, which the guard
 retries as a whole. Other 4xx answers are not retried.
 
+The request's `"model"` is `served_model`, the name the server serves the model under
+(trtllm-serve: the name or path it was started with; vLLM: `--served-model-name`); it defaults
+to `model_id`, the name verdicts carry and cache keys hash.
+
 `start()` probes `GET /v1/models` with a short timeout and only logs a warning when the server is
-unreachable or does not list `model_id`: servers are often started after the service, and the
+unreachable or does not list `served_model`: servers are often started after the service, and the
 per-request retries cover the gap. The API key is sent as a bearer token and never logged.
 """
 
@@ -115,8 +119,12 @@ class OpenAIHttpBackend(Backend):
         retries: int = 3,
         backoff_s: float = 0.5,
         max_connections: int = 64,
+        served_model: str | None = None,
     ) -> None:
         super().__init__(model_id, revision)
+        if served_model is not None and not served_model.strip():
+            raise ValueError("served_model: expected a model name the server lists, got ''")
+        self.served_model = served_model or model_id
         if max_concurrency < 1 or max_connections < 1:
             raise ValueError("max_concurrency and max_connections: expected >= 1")
         if timeout_s <= 0 or backoff_s < 0 or retries < 0:
@@ -134,7 +142,10 @@ class OpenAIHttpBackend(Backend):
         self._semaphore: asyncio.Semaphore | None = None
 
     def __repr__(self) -> str:  # never shows the API key
-        return f"OpenAIHttpBackend(base_url={self.base_url!r}, model_id={self.model_id!r})"
+        return (
+            f"OpenAIHttpBackend(base_url={self.base_url!r}, model_id={self.model_id!r}, "
+            f"served_model={self.served_model!r})"
+        )
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -172,9 +183,13 @@ class OpenAIHttpBackend(Backend):
             ids = [m.get("id") for m in response.json().get("data", [])]
         except (ValueError, AttributeError):
             return
-        if ids and self.model_id not in ids:
+        if ids and self.served_model not in ids:
             log.warning(
-                "server %s does not list model %r (it has %s)", self.base_url, self.model_id, ids
+                "server %s does not list model %r (it has %s; set GUARDSTREAM_OPENAI_SERVED_MODEL "
+                "to one of them)",
+                self.base_url,
+                self.served_model,
+                ids,
             )
 
     async def close(self) -> None:
@@ -210,7 +225,7 @@ class OpenAIHttpBackend(Backend):
         max_new_tokens: int,
     ) -> _Outcome:
         body = {
-            "model": self.model_id,
+            "model": self.served_model,
             "prompt": prompt,
             "max_tokens": max_new_tokens,
             "temperature": 0,

@@ -88,6 +88,11 @@ class CompletionsServer:
 
     async def _completions(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if body.get("model") != self.model:  # as vLLM answers a model it does not serve
+            return web.json_response(
+                {"error": {"message": f"The model `{body.get('model')}` does not exist."}},
+                status=404,
+            )
         prompt = body["prompt"]
         peer = request.transport.get_extra_info("peername") if request.transport else None
         self.seen.append(

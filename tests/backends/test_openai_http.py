@@ -177,6 +177,29 @@ async def test_start_warns_when_the_model_is_not_served(
     assert "does not list model 'other-model'" in caplog.text
 
 
+async def test_the_served_model_name_is_sent_and_probed_model_id_stays(
+    server: CompletionsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    served = server.model = "GuardReasoner-1B"  # trtllm-serve lists a model folder's name
+    unnamed = OpenAIHttpBackend(server.base_url, "org/GuardReasoner-1B", retries=0)
+    await unnamed.start()
+    [refused] = await unnamed.generate(["prompt-5"], 16)
+    await unnamed.close()
+    assert refused.finish_reason == "error" and "404" in (refused.error or "")
+    caplog.clear()
+    backend = OpenAIHttpBackend(server.base_url, "org/GuardReasoner-1B", served_model=served)
+    with caplog.at_level(logging.WARNING, logger="engine.backends.openai_http"):
+        await backend.start()
+    generations = await backend.generate(["prompt-5"], 16)
+    await backend.close()
+    assert "does not list" not in caplog.text
+    assert generations[0].text == REPLIES["prompt-5"]
+    assert server.requests_for("prompt-5")[0].body["model"] == served
+    assert backend.model_id == "org/GuardReasoner-1B"  # what verdicts and cache keys carry
+    with pytest.raises(ValueError, match="served_model"):
+        OpenAIHttpBackend(server.base_url, "guard", served_model=" ")
+
+
 def test_retry_after_parsing() -> None:
     assert parse_retry_after("2") == 2.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past

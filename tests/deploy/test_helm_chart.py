@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -299,6 +299,8 @@ def test_split_topology_workers_on_cpu_call_the_server(render: Any) -> None:
     s = _container(server, "server")
     assert s["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert s["command"][0] == "trtllm-serve"
+    # trtllm-serve lists a model folder under its base name: the workers must ask for that name
+    assert _env_value(c, "GUARDSTREAM_OPENAI_SERVED_MODEL") == PurePosixPath(s["command"][1]).name
     assert s["image"].startswith("nvcr.io/nvidia/tensorrt-llm/release:")
     assert s["ports"][0]["containerPort"] == url.port
     assert s["startupProbe"]["httpGet"]["path"] == "/health"
@@ -307,6 +309,16 @@ def test_split_topology_workers_on_cpu_call_the_server(render: Any) -> None:
     )["tolerations"]
     # The service selects the server, not the workers.
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "server"
+
+
+def test_served_model_name_is_model_id_for_an_external_server_unless_set(render: Any) -> None:
+    external = ["engine.name=openai_http", "engine.openai.baseUrl=http://llm.example:8000/v1"]
+    c = _container(render(sets=external).one("Deployment", WORKER), "worker")
+    assert _env_value(c, "GUARDSTREAM_OPENAI_BASE_URL") == "http://llm.example:8000/v1"
+    assert "GUARDSTREAM_OPENAI_SERVED_MODEL" not in {e["name"] for e in c["env"]}  # = model.id
+    named = [*external, "engine.openai.servedModel=guard-8b"]
+    c = _container(render(sets=named).one("Deployment", WORKER), "worker")
+    assert _env_value(c, "GUARDSTREAM_OPENAI_SERVED_MODEL") == "guard-8b"
 
 
 # ---- autoscaling ---------------------------------------------------------------------------------

@@ -141,6 +141,15 @@ builds a new engine next to the old one instead of reusing a mismatching one.
 {{- end }}
 {{- end }}
 
+{{- /* The model name the workers send: trtllm-serve lists a model folder by its base name. */ -}}
+{{- define "guardstream.servedModel" -}}
+{{- if .Values.engine.openai.servedModel }}
+{{- .Values.engine.openai.servedModel }}
+{{- else if eq .Values.topology "split" }}
+{{- base (default .Values.model.checkpointPath .Values.server.modelPath) }}
+{{- end }}
+{{- end }}
+
 {{- define "guardstream.terminationGracePeriodSeconds" -}}
 {{- add (int .Values.gracePeriodSeconds) (int .Values.terminationMarginSeconds) }}
 {{- end }}
@@ -332,6 +341,10 @@ Worker environment: the service's GUARDSTREAM_ settings. Secrets only by referen
   value: {{ include "guardstream.openaiBaseUrl" . | quote }}
 - name: GUARDSTREAM_OPENAI_MAX_CONCURRENCY
   value: {{ $v.engine.openai.maxConcurrency | quote }}
+{{- with include "guardstream.servedModel" . }}
+- name: GUARDSTREAM_OPENAI_SERVED_MODEL
+  value: {{ . | quote }}
+{{- end }}
 {{- if $v.engine.openai.apiKeySecret.name }}
 - name: GUARDSTREAM_OPENAI_API_KEY
   valueFrom:

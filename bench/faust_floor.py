@@ -1,9 +1,10 @@
 """`python -m bench.faust_floor`: the most any Faust agent moves on this machine, for the overhead
-table. A Faust app with the worker's Kafka settings (acks=all, linger 5 ms, 1 s commits) and one
-agent that forwards each message, unchanged, to the output topic: no decoding, no model, no
-ordering of publishes, offsets acked as Faust does by default (when the next event is taken, not
-after the broker took the output). The worker does all this and more; so its rate can at most
-reach this one, and the gap from here to the aiokafka baseline is Faust's own.
+table. A Faust app with the worker's Kafka settings (acks=all, linger 5 ms, 1 s commits) and
+monitor (`QuietMonitor`), and one agent that forwards each message, unchanged, to the output
+topic: no decoding, no model, no ordering of publishes, offsets acked as Faust does by default
+(when the next event is taken, not after the broker took the output). The worker does all this
+and more; so its rate can at most reach this one, and the gap from here to the aiokafka baseline
+is Faust's own.
 
     python -m bench.faust_floor --bootstrap 127.0.0.1:9092 --input IN --output OUT --group G
 """
@@ -15,6 +16,8 @@ import sys
 from typing import Any
 
 import faust
+
+from service.telemetry.faust_monitor import QuietMonitor
 
 
 def build_app(args: argparse.Namespace) -> faust.App:
@@ -29,6 +32,7 @@ def build_app(args: argparse.Namespace) -> faust.App:
         stream_wait_empty=True,
         broker_commit_interval=1.0,
         web_enabled=False,
+        monitor=QuietMonitor(),
     )
     raw: dict[str, Any] = {
         "key_type": bytes,

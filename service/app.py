@@ -22,6 +22,7 @@ from service.messages import Outgoing
 from service.pairing import PromptStore
 from service.pipeline import Processor
 from service.telemetry import Telemetry
+from service.telemetry.faust_monitor import QuietMonitor
 from service.telemetry.lag import LagTracker
 from service.web import Health, install
 
@@ -64,6 +65,7 @@ class Runtime:
             broker_session_timeout=settings.kafka_session_timeout_s,
             broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
             worker_redirect_stdouts=False,
+            monitor=QuietMonitor(),
         )
         raw = {
             "key_type": bytes,

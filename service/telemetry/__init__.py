@@ -6,7 +6,8 @@
     runtime = Runtime(settings, guard, partitions=n, telemetry=telemetry)
 
 Modules: `tracing` (provider, exporters, W3C headers), `metrics` (instruments and readers),
-`track` (one message's spans and counters), `lag` (consumer lag), `logging` (formatters).
+`track` (one message's spans and counters), `lag` (consumer lag), `logging` (formatters),
+`faust_monitor` (Faust's monitor without per-message bookkeeping).
 Nothing here is global: the tracer and meter providers are this object's, not OpenTelemetry's
 process-wide defaults.
 """

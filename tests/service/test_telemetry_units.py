@@ -4,6 +4,7 @@ checks, exporter selection."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import logging.config
@@ -12,9 +13,11 @@ import time
 from typing import Any
 
 import pytest
+from faust.sensors import Monitor
 from opentelemetry.sdk.trace import TracerProvider
 
 from service.config import Settings, SettingsError
+from service.telemetry.faust_monitor import QuietMonitor
 from service.telemetry.logging import (
     JsonFormatter,
     Redactor,
@@ -202,3 +205,38 @@ def test_metrics_exporter_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     otlp = Settings(replay_path="/x", metrics_exporter="otlp", otlp_protocol="http")
     with pytest.raises(SettingsError, match=r"GUARDSTREAM_METRICS_EXPORTER=otlp"):
         Metrics(otlp)
+
+
+def test_quiet_monitor_silences_exactly_faust_per_message_hooks() -> None:
+    """Each hook QuietMonitor replaces must exist on Faust's Monitor with the same parameters (a
+    renamed hook would silently bring the bookkeeping back), and the replaced hooks keep no
+    state, while the rest (commits here) still records."""
+    replaced = {n for n in vars(QuietMonitor) if n.startswith("on_")}
+    assert replaced == {
+        "on_message_in",
+        "on_stream_event_in",
+        "on_stream_event_out",
+        "on_message_out",
+        "on_send_initiated",
+        "on_send_completed",
+        "on_send_error",
+    }
+    for name in replaced:
+        ours, theirs = getattr(QuietMonitor, name), getattr(Monitor, name)
+        assert list(inspect.signature(ours).parameters) == list(
+            inspect.signature(theirs).parameters
+        ), name
+
+    class Message:
+        time_in = None
+
+    monitor = QuietMonitor()
+    message = Message()
+    monitor.on_message_in(("t", 0), 1, message)
+    assert monitor.on_stream_event_in(("t", 0), 1, object(), object()) is None
+    assert monitor.messages_received_total == 0 and message.time_in is None
+    assert monitor.on_send_initiated(None, "t", object(), 1, 2) is None
+    assert monitor.messages_sent == 0
+    state = monitor.on_commit_initiated(None)
+    monitor.on_commit_completed(None, state)
+    assert len(monitor.commit_latency) == 1

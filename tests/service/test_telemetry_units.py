@@ -119,6 +119,7 @@ class _Consumer:
 class _App:
     def __init__(self) -> None:
         self.consumer = _Consumer({("t", 0)})
+        self.consumer_generation_id = 1  # Faust sets it from every group assignment
         self.rebalancing = False
         self.flow_control = _Flow()
 
@@ -157,6 +158,21 @@ async def test_readiness_with_a_degraded_cache(required: bool) -> None:
     assert body["cache_ok"] is (not required) and body["cache"]["degraded"] is True
     health._app.rebalancing = True  # type: ignore[attr-defined]
     assert health.readiness()[1]["consuming"] is False
+
+
+async def test_readiness_needs_the_group_joined_not_a_partition() -> None:
+    app, loaded = _App(), asyncio.Event()
+    loaded.set()
+    health = Health(app, _Guard(None), Settings(replay_path="/x"), loaded)  # type: ignore[arg-type]
+    app.consumer_generation_id = 0  # not joined yet
+    ready, body = health.readiness()
+    assert ready is False and body["kafka_joined"] is False and body["consuming"] is False
+    app.consumer_generation_id = 3
+    app.consumer.assigned = set()  # joined, no partition: a hot spare
+    ready, body = health.readiness()
+    assert ready is True and body["kafka_partitions"] == 0
+    app.consumer.assigned = {("t", 0), ("t", 1)}
+    assert health.readiness()[1]["kafka_partitions"] == 2
 
 
 def test_liveness_turns_stale_without_heartbeats() -> None:

@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     engine_retries: int = Field(2, ge=0)
     engine_timeout_s: float = Field(120.0, gt=0)
     policy: Literal["fail_closed", "fail_open"] = "fail_closed"
+    #: Shadow mode, for a trial before enforcement: every verdict still goes to the verdicts
+    #: topic (with `flagged` as it would be), with the header `guardstream-shadow: 1`, but none
+    #: to the flagged topic, which is what enforcing consumers read.
+    shadow: bool = False
 
     # --- input limits ------------------------------------------------------------------------
     max_message_bytes: int = Field(1_048_576, gt=0)

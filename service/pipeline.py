@@ -50,6 +50,9 @@ class Processor:
         self.store = store
         self._send = send
         self._engine = engine_name
+        self._mode_headers: tuple[tuple[str, bytes], ...] = (
+            (("guardstream-shadow", b"1"),) if settings.shadow else ()
+        )
         self._limits: InputLimits = settings.input_limits
         self._lanes: dict[tuple[str, int], Lane] = {}
         self._on_dead_letter = on_dead_letter
@@ -238,8 +241,9 @@ class Processor:
             ("guardstream-batch-wait-ms", b"%.3f" % result.batch_wait_ms),
             ("guardstream-generate-ms", b"%.3f" % result.generate_ms),
             *track.verdict(ve, chat),  # W3C trace context: the trace goes on downstream
+            *self._mode_headers,
         )
         records = [Outgoing(self.settings.topic_verdicts, key, value, headers)]
-        if ve.flagged:
+        if ve.flagged and not self.settings.shadow:
             records.append(Outgoing(self.settings.topic_flagged, key, value, headers))
         return records

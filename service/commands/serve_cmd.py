@@ -85,6 +85,13 @@ def run_worker(settings: Settings, backend: Backend | None = None) -> int:
         settings.traces_exporter,
         settings.metrics_exporter,
     )
+    if settings.shadow:
+        log.warning(
+            "shadow mode (GUARDSTREAM_SHADOW): verdicts go to %s marked guardstream-shadow, "
+            "nothing goes to %s",
+            settings.topic_verdicts,
+            settings.topic_flagged,
+        )
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:

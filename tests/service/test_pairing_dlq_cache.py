@@ -174,3 +174,33 @@ async def test_second_pass_is_served_from_redis(
     assert all(v["verdict"]["engine_error"] is None for v in two)
     first_labels = {v["source_id"]: v["verdict"]["request"] for v in one}
     assert {v["source_id"]: v["verdict"]["request"] for v in two} == first_labels
+
+
+async def test_shadow_mode_publishes_verdicts_and_nothing_to_flagged(
+    tmp_path: Path, shared_dir: Path, base_env: dict[str, str], kafka_bootstrap: str
+) -> None:
+    rows = samples(shared_dir, "1B", "SimpleSafetyTests")[:12]  # harmful prompts: most flag
+    env = {
+        **base_env,
+        "GUARDSTREAM_REPLAY_PATH": str(
+            replay_folder(tmp_path, shared_dir, "1B", ["SimpleSafetyTests"])
+        ),
+        "GUARDSTREAM_CACHE_ENABLED": "false",
+        "GUARDSTREAM_SHADOW": "true",
+    }
+    records = [
+        (f"c{i}".encode(), _prompt(f"p{i}", f"c{i}", r["prompt"])) for i, r in enumerate(rows)
+    ]
+    with running_worker(env, tmp_path / "worker.log"):
+        await produce(kafka_bootstrap, env["GUARDSTREAM_TOPIC_PROMPTS"], records)
+        verdicts = await consume(kafka_bootstrap, env["GUARDSTREAM_TOPIC_VERDICTS"], len(rows))
+        # A verdict's flagged copy is produced with it, before its input is acked: by now it
+        # would be on the topic.
+        flagged = await consume(kafka_bootstrap, env["GUARDSTREAM_TOPIC_FLAGGED"], 1, timeout=3)
+    events = values(verdicts)
+    assert sorted(e["source_id"] for e in events) == sorted(f"p{i}" for i in range(len(rows)))
+    assert sum(e["flagged"] for e in events) >= len(rows) // 2  # flagged as without shadow
+    assert all(("guardstream-shadow", b"1") in r.headers for r in verdicts)
+    assert flagged == []
+    log = (tmp_path / "worker.log").read_text()
+    assert "shadow mode (GUARDSTREAM_SHADOW)" in log

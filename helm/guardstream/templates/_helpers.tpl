@@ -385,6 +385,8 @@ Worker environment: the service's GUARDSTREAM_ settings. Secrets only by referen
   value: {{ $v.moderate | quote }}
 - name: GUARDSTREAM_POLICY
   value: {{ $v.policy | quote }}
+- name: GUARDSTREAM_SHADOW
+  value: {{ $v.shadow | quote }}
 - name: GUARDSTREAM_PROCESSING_GUARANTEE
   value: {{ $v.processingGuarantee | quote }}
 - name: GUARDSTREAM_WEB_PORT

@@ -256,3 +256,14 @@ def test_quiet_monitor_silences_exactly_faust_per_message_hooks() -> None:
     state = monitor.on_commit_initiated(None)
     monitor.on_commit_completed(None, state)
     assert len(monitor.commit_latency) == 1
+
+
+async def test_the_worker_app_runs_with_the_quiet_monitor(tmp_path: Any) -> None:
+    from engine.backends.replay import ReplayBackend
+    from engine.guard import Guard
+    from service.app import Runtime
+
+    (tmp_path / "x.jsonl").write_text("")
+    settings = Settings(replay_path=tmp_path, metrics_exporter="none", app_id="gs-quiet-test")
+    runtime = Runtime(settings, Guard(ReplayBackend(tmp_path)), partitions=1)
+    assert isinstance(runtime.app.monitor, QuietMonitor)

@@ -14,8 +14,7 @@ retries as a whole. Other 4xx answers are not retried.
 
 The request's `"model"` is `served_model`, the name the server serves the model under
 (trtllm-serve: the base name of the model folder it was started with, or the hub name; vLLM:
-`--served-model-name`); it defaults
-to `model_id`, the name verdicts carry and cache keys hash.
+`--served-model-name`); it defaults to `model_id`, the name verdicts carry and cache keys hash.
 
 `start()` probes `GET /v1/models` with a short timeout and only logs a warning when the server is
 unreachable or does not list `served_model`: servers are often started after the service, and the

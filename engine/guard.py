@@ -307,39 +307,34 @@ class Guard:
         waits = [(started - p.enqueued) * 1000 for p in items]
         self.stats.batches += 1
         # Every item is a miss: with a cache, hits were answered by the lookup stage.
-        results: list[ModerationResult | None] = [None] * len(items)
-        misses = list(range(len(items)))
-        generate_ms = 0.0
-        if misses:
-            inputs = [
-                build_model_input(
-                    items[i].request.prompt,
-                    items[i].request.response,
-                    max_chars=self.max_text_chars,
+        inputs = [
+            build_model_input(p.request.prompt, p.request.response, max_chars=self.max_text_chars)
+            for p in items
+        ]
+        t0 = time.monotonic()
+        generations = await self._generate(inputs)
+        generate_ms = (time.monotonic() - t0) * 1000
+        if bt is not None:
+            bt.generate(t0, t0 + generate_ms / 1000, [g.tokens for g in generations])
+        results: list[ModerationResult] = []
+        to_store: list[tuple[str, Verdict]] = []
+        for p, wait_ms, gen in zip(items, waits, generations, strict=True):
+            verdict = self._verdict(gen, has_response=p.request.response is not None)
+            if verdict.engine_error is None:
+                to_store.append((p.key, verdict))
+            results.append(
+                ModerationResult(
+                    verdict, False, p.key, len(items), wait_ms, generate_ms, gen.tokens
                 )
-                for i in misses
-            ]
-            t0 = time.monotonic()
-            generations = await self._generate(inputs)
-            generate_ms = (time.monotonic() - t0) * 1000
+            )
+        if self.cache is not None and to_store:
+            t_store = time.monotonic()
+            await self.cache.set_many(to_store)
             if bt is not None:
-                bt.generate(t0, t0 + generate_ms / 1000, misses, [g.tokens for g in generations])
-            to_store: list[tuple[str, Verdict]] = []
-            for i, gen in zip(misses, generations, strict=True):
-                verdict = self._verdict(gen, has_response=items[i].request.response is not None)
-                if verdict.engine_error is None:
-                    to_store.append((items[i].key, verdict))
-                results[i] = ModerationResult(
-                    verdict, False, items[i].key, len(items), waits[i], generate_ms, gen.tokens
-                )
-            if self.cache is not None and to_store:
-                t_store = time.monotonic()
-                await self.cache.set_many(to_store)
-                if bt is not None:
-                    bt.cache_store(t_store, time.monotonic(), len(to_store))
+                bt.cache_store(t_store, time.monotonic(), len(to_store))
         if self._on_batch is not None:
             self._on_batch(len(items), waits, generate_ms)
-        return [r for r in results if r is not None]
+        return results
 
     def _verdict(self, gen: Generation, *, has_response: bool) -> Verdict:
         if gen.finish_reason == "error":

@@ -80,16 +80,15 @@ class BatchTrace:
             for ctx, _ in callers:
                 self._child(ctx, "cache_lookup", t0, t1, {"guardstream.cache.hit": hit})
 
-    def generate(
-        self, t0: float, t1: float, misses: Sequence[int], tokens: Sequence[int | None]
-    ) -> None:
+    def generate(self, t0: float, t1: float, tokens: Sequence[int | None]) -> None:
+        """The model call of the batch: every item of a model batch is generated."""
         span = self._batch_child("generate", t0)
-        span.set_attribute("guardstream.generate.inputs", len(misses))
+        span.set_attribute("guardstream.generate.inputs", len(tokens))
         span.set_attribute("guardstream.generate.tokens", sum(t or 0 for t in tokens))
         span.end(end_time=_ns(t1, self._offset_ns))
         link = Link(span.get_span_context())
-        for i, count in zip(misses, tokens, strict=True):
-            for ctx, _ in self._parents[i]:
+        for parents, count in zip(self._parents, tokens, strict=True):
+            for ctx, _ in parents:
                 attrs = {"guardstream.generate.tokens": count or 0}
                 self._child(ctx, "generate", t0, t1, attrs, link)
 

@@ -44,12 +44,22 @@ async def _until(condition, timeout: float = 2.0) -> None:  # type: ignore[no-un
             await asyncio.sleep(0.001)
 
 
-async def test_a_hit_is_answered_while_every_model_slot_is_busy() -> None:
+async def _started(*, max_batch_size: int, max_in_flight: int) -> tuple[GatedBackend, Guard]:
+    """A started guard with an in-memory cache over a gated backend."""
     backend = GatedBackend()
     guard = Guard(
-        backend, cache=MemoryVerdictCache(), max_batch_size=2, max_wait_ms=1, max_in_flight=1
+        backend,
+        cache=MemoryVerdictCache(),
+        max_batch_size=max_batch_size,
+        max_wait_ms=1,
+        max_in_flight=max_in_flight,
     )
     await guard.start()
+    return backend, guard
+
+
+async def test_a_hit_is_answered_while_every_model_slot_is_busy() -> None:
+    backend, guard = await _started(max_batch_size=2, max_in_flight=1)
     # one verdict in the cache, generated the ordinary way
     backend.gate.set()
     first = await guard.moderate(_req("hello there"))
@@ -75,11 +85,7 @@ async def test_a_hit_is_answered_while_every_model_slot_is_busy() -> None:
 
 
 async def test_a_miss_joins_the_generation_of_its_key_under_way() -> None:
-    backend = GatedBackend()
-    guard = Guard(
-        backend, cache=MemoryVerdictCache(), max_batch_size=4, max_wait_ms=1, max_in_flight=2
-    )
-    await guard.start()
+    backend, guard = await _started(max_batch_size=4, max_in_flight=2)
     first = await guard.submit(_req("spam spam"))
     await _until(lambda: len(backend.batches) == 1)  # generating now
     second = await guard.submit(_req("spam spam"))
@@ -99,11 +105,7 @@ async def test_a_miss_joins_the_generation_of_its_key_under_way() -> None:
 
 async def test_misses_beyond_the_model_window_wait_at_submit() -> None:
     """Backpressure: hits leave at once, so what `submit` bounds is the misses in the guard."""
-    backend = GatedBackend()
-    guard = Guard(
-        backend, cache=MemoryVerdictCache(), max_batch_size=2, max_wait_ms=1, max_in_flight=1
-    )
-    await guard.start()
+    backend, guard = await _started(max_batch_size=2, max_in_flight=1)
     window = 2 * 2 * (1 + 1)
     futures = [await guard.submit(_req(f"m{i}")) for i in range(window)]
     blocked = asyncio.create_task(guard.submit(_req("one too many")))
@@ -117,11 +119,7 @@ async def test_misses_beyond_the_model_window_wait_at_submit() -> None:
 
 
 async def test_close_without_drain_fails_what_waits() -> None:
-    backend = GatedBackend()
-    guard = Guard(
-        backend, cache=MemoryVerdictCache(), max_batch_size=1, max_wait_ms=1, max_in_flight=1
-    )
-    await guard.start()
+    backend, guard = await _started(max_batch_size=1, max_in_flight=1)
     futures = [await guard.submit(_req(f"x{i}")) for i in range(4)]
     await _until(lambda: len(backend.batches) == 1)
     await guard.close(drain=False, timeout=1.0)

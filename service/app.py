@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import faust
 
 from engine.guard import Guard
+from service.acks import AckGuard
 from service.config import Settings
 from service.eos import TransactionalPublisher
 from service.kafka import faust_credentials
@@ -27,6 +30,27 @@ from service.telemetry.lag import LagTracker
 from service.web import Health, install
 
 log = logging.getLogger("guardstream.app")
+
+#: How often the pairing clock looks whether each prompts partition is read to its end.
+PAIRING_CLOCK_S = 0.25
+
+
+class GuardApp(faust.App):  # type: ignore[misc]  # faust is untyped for mypy here
+    """A Faust app that tells the worker, before Faust waits for the events it handed out, that
+    partitions are being revoked or that it stops (`give_back`): then the responses waiting for
+    their prompt are handed back instead of being waited for (`Processor.give_back`)."""
+
+    give_back: Callable[[], object] | None = None
+
+    def on_rebalance_start(self) -> None:
+        super().on_rebalance_start()
+        if self.give_back is not None:
+            self.give_back()
+
+    async def on_stop(self) -> None:
+        if self.give_back is not None:
+            self.give_back()
+        await super().on_stop()
 
 
 class Runtime:
@@ -44,7 +68,7 @@ class Runtime:
         self.guard = guard
         self.telemetry = telemetry or Telemetry(settings)
         self.started = asyncio.Event()
-        self.app = faust.App(
+        self.app = GuardApp(
             settings.app_id,
             broker=[f"kafka://{h.strip()}" for h in settings.kafka_bootstrap_servers.split(",")],
             broker_credentials=faust_credentials(settings),
@@ -66,6 +90,11 @@ class Runtime:
             broker_heartbeat_interval=min(3.0, settings.kafka_session_timeout_s / 3),
             worker_redirect_stdouts=False,
             monitor=QuietMonitor(),
+            # Standby copies do not shorten a failover with the in-memory store: it keeps no
+            # offsets, so a partition taken over is replayed from its changelog's start anyway,
+            # and the copy is dropped when recovery completes (faust.stores.memory). They
+            # would only cost every worker the changelog's traffic.
+            table_standby_replicas=0,
         )
         raw = {
             "key_type": bytes,
@@ -79,17 +108,28 @@ class Runtime:
             name: self.app.topic(name, **raw)
             for name in (settings.topic_verdicts, settings.topic_flagged, settings.topic_dlq)
         }
+        # Values are JSON objects; value_type None reads them back from the changelog as dicts
+        # (Faust decodes any other type with `from_data`, which `dict` has not: a worker that
+        # recovered a partition with stored prompts never became ready).
         self.table = self.app.Table(
             "recent-prompts",
             partitions=partitions,
             key_type=str,
-            value_type=dict,
+            value_type=None,
+            # Prompts older than the TTL are never read: let the broker delete them from the
+            # changelog too, so that a recovery replays at most the TTL's worth of it.
+            extra_topic_configs={
+                "cleanup.policy": "compact,delete",
+                "retention.ms": str(2 * settings.prompt_table_ttl_s * 1000),
+            },
         )
         self.store = PromptStore(
             self.table.data,
             self._changelog,
             ttl_s=settings.prompt_table_ttl_s,
             max_entries=settings.prompt_table_max,
+            grace_s=settings.pairing_wait_ms / 1000,
+            max_wait_s=settings.pairing_max_wait_s,
         )
         eos: TransactionalPublisher | None = None
         if settings.processing_guarantee == "exactly_once":
@@ -103,8 +143,12 @@ class Runtime:
             engine_name=guard.backend.name,
             transact=eos.publish if eos is not None else None,
             telemetry=self.telemetry,
+            partitions=partitions,
         )
-        self.health = Health(self.app, guard, settings, self.started)
+        self.app.give_back = self.processor.give_back
+        self.acks = AckGuard()
+        self.processor.take = self.acks.take
+        self.health = Health(self.app, guard, settings, self.started, self.processor)
         lag = LagTracker(self.app, (settings.topic_prompts, settings.topic_responses))
         self.telemetry.metrics.watch_guard(guard)
         self.telemetry.metrics.watch_lag(lag.current)
@@ -129,6 +173,7 @@ class Runtime:
 
         @app.task
         async def start_guard() -> None:
+            self.acks.install(app.consumer)  # before any event reaches the agents
             await self.guard.start()
             # What start-up made (Faust, the model, the schemas) lives as long as the worker:
             # leave it out of the collector's scans, each full one of which stalled the loop
@@ -156,6 +201,14 @@ class Runtime:
             async for event in manual.events():
                 await processor.on_response(event, manual.ack)
 
+        @app.timer(interval=PAIRING_CLOCK_S, traced=False)
+        async def pairing_clock() -> None:
+            self._tick_pairing_clock()
+
+        @app.on_partitions_revoked.connect
+        async def drop_lanes(sender: Any, revoked: Any, **kwargs: Any) -> None:
+            processor.drop_lanes(revoked)
+
         @app.timer(interval=30.0)
         async def sweep_prompts() -> None:
             dropped = self.store.sweep()
@@ -169,6 +222,38 @@ class Runtime:
             await self.guard.close(drain=done, timeout=grace * 0.1)
             log.info("shutdown: in-flight verdicts %s", "published" if done else "abandoned")
             self.telemetry.shutdown()
+
+    def _tick_pairing_clock(self) -> None:
+        """Move the watermark of each prompts partition that is read to its end to now: no
+        prompt produced before now (less the grace) can still come there."""
+        app = self.app
+        if app.rebalancing or not self.started.is_set():
+            return
+        consumer = app.consumer
+        try:
+            assignment = consumer.assignment()
+        except Exception:  # noqa: BLE001 - the consumer is not started yet
+            return
+        # Faust's committed offsets (next offset to read, per partition; set at assignment and
+        # by every commit): a partition with nothing stored since then is at its end when its
+        # committed offset is.
+        committed = getattr(consumer, "_committed_offset", {})
+        now = time.time()
+        topic = self.settings.topic_prompts
+        for tp in assignment:
+            if tp.topic != topic:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is None or highwater < 0:
+                continue
+            last = self.processor.prompt_offsets.get(tp.partition)
+            done = committed.get(tp)
+            if (
+                highwater == 0
+                or (last is not None and last + 1 >= highwater)
+                or (done is not None and done >= highwater)
+            ):
+                self.store.advance(tp.partition, now)
 
     def readiness(self) -> dict[str, Any]:
         return self.health.readiness()[1]

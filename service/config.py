@@ -45,7 +45,12 @@ class Settings(BaseSettings):
     moderate: Literal["prompts", "responses", "both"] = "both"
 
     # --- pairing -----------------------------------------------------------------------------
-    pairing_wait_ms: int = Field(5000, ge=0, description="How long a response waits for its prompt")
+    #: Grace of the event-time join: a response waits for its prompt until the prompts stream
+    #: (of each partition the prompt can be in) has passed the response's timestamp by this much.
+    pairing_wait_ms: int = Field(5000, ge=0, description="Event-time grace for a late prompt")
+    #: Upper bound, wall clock, on a response's wait for its prompt (a prompts partition that
+    #: this worker does not hold never moves on here).
+    pairing_max_wait_s: float = Field(120.0, gt=0)
     prompt_table_ttl_s: int = Field(3600, ge=1)
     prompt_table_max: int = Field(100_000, ge=1)
 
@@ -96,6 +101,11 @@ class Settings(BaseSettings):
     web_host: str = "0.0.0.0"  # noqa: S104 - a pod serves its probes on all interfaces
     web_port: int = Field(6066, ge=1, le=65535)
     grace_period_s: float = Field(30.0, gt=0)
+    #: Events held per input topic (waiting for the model, a prompt or the broker): when full,
+    #: the agent takes no more (backpressure through to Kafka).
+    max_pending: int = Field(2048, ge=1)
+    #: A publishing lane whose produce keeps failing this long makes the worker unready.
+    publish_stall_s: float = Field(60.0, gt=0)
     #: How long the group waits for a member that stopped heart-beating (a killed pod) before
     #: its partitions move to the others: the failover time after a crash. Kafka's broker
     #: accepts 6 s to 30 min by default.

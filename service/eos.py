@@ -13,7 +13,8 @@ run's next offset to the same transaction, commits it, and only then acks the ev
 It holds the producer's transaction lock throughout, which Faust's own commits also take, so no
 commit can slip between the records and their offset. On a failure the transaction is aborted
 (its records are never visible to a `read_committed` reader, its offset never committed) and the
-run is written again.
+run is written again by the lane's retry policy. A cancelled publish (a lane stopped at shutdown
+or at a revocation) aborts too.
 
 Faust's own periodic commit still runs (it keeps transactions short: the prompt table's
 changelog records go out in them), but through `commit_transactions` below: Faust works out the
@@ -43,10 +44,15 @@ log = logging.getLogger("guardstream.eos")
 Ack = Callable[[Any], Awaitable[Any]]
 
 
+class NoTransactionalProducer(RuntimeError):
+    """The input partition has no transactional producer (yet): retried."""
+
+
 class TransactionalPublisher:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.transactions = 0  # committed by `publish`
+        self.aborted = 0  # aborted by `publish` (a failure or a cancellation)
         self._committed: dict[tuple[str, int], int] = {}  # next offset to read, per partition
 
     def install(self) -> None:
@@ -67,59 +73,45 @@ class TransactionalPublisher:
 
     async def publish(self, records: Sequence[Outgoing], events: Sequence[Any], ack: Ack) -> None:
         """Write `records`, commit the offset after the last of `events` in the same transaction,
-        then ack `events`; retried (the transaction aborted) until it succeeds."""
+        then ack `events`. On any failure, cancellation included, the transaction is aborted
+        (nothing of it becomes visible to a `read_committed` reader, its offset is not committed)
+        before the error goes on; the lane's retry policy (`service.lanes`) tries again."""
         last = events[-1].message
         tp = TopicPartition(last.topic, last.partition)
         tid = self._transactional_id(last.topic, last.partition)
         producer = self.app.producer
-        delay = 0.1
-        while True:
-            lock = producer._trn_locks.get(tid)
-            txp = producer._transaction_producers.get(tid)
-            if lock is None or txp is None:
-                error = f"no transactional producer {tid} (partition not assigned?)"
-            else:
-                async with lock:
-                    try:
-                        pending = [
-                            await txp.send(
-                                rec.topic, rec.value, key=rec.key, headers=list(rec.headers)
-                            )
-                            for rec in records
-                        ]
-                        await asyncio.gather(*pending)
-                        await txp.send_offsets_to_transaction(
-                            {tp: last.offset + 1}, self.app.conf.id
-                        )
-                        await txp.commit_transaction()
-                    except asyncio.CancelledError:
-                        raise
-                    except ProducerFenced as exc:
-                        # Another worker owns this partition now and re-reads these events; a
-                        # zombie must stop, as Faust's own commit does on fencing.
-                        log.error("transactional producer %s fenced: stopping the worker", tid)
-                        await self.app.crash(exc)
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - aborted, then retried
-                        error = f"{type(exc).__name__}: {exc}"
-                        await _steps(txp, tid, txp.abort_transaction, txp.begin_transaction)
-                    else:
-                        self.transactions += 1
-                        key = (last.topic, last.partition)
-                        self._committed[key] = max(self._committed.get(key, 0), last.offset + 1)
-                        for event in events:
-                            await ack(event)
-                        await _steps(txp, tid, txp.begin_transaction)
-                        return
-            log.warning(
-                "transaction of %d records for %s failed (%s); retrying in %.1fs",
-                len(records),
-                tid,
-                error,
-                delay,
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        lock = producer._trn_locks.get(tid)
+        txp = producer._transaction_producers.get(tid)
+        if lock is None or txp is None:
+            raise NoTransactionalProducer(f"no transactional producer {tid} (not assigned?)")
+        async with lock:
+            try:
+                pending = [
+                    await txp.send(rec.topic, rec.value, key=rec.key, headers=list(rec.headers))
+                    for rec in records
+                ]
+                await asyncio.gather(*pending)
+                await txp.send_offsets_to_transaction({tp: last.offset + 1}, self.app.conf.id)
+                await txp.commit_transaction()
+            except ProducerFenced as exc:
+                # Another worker owns this partition now and re-reads these events; a zombie
+                # must stop, as Faust's own commit does on fencing.
+                log.error("transactional producer %s fenced: stopping the worker", tid)
+                await self.app.crash(exc)
+                raise
+            except BaseException:
+                # Cancelled (a lane stopped at shutdown or revocation) or failed: abort, shielded
+                # from the cancellation, so that the open transaction never commits later with
+                # these records and without their offset.
+                await asyncio.shield(_steps(txp, tid, txp.abort_transaction, txp.begin_transaction))
+                self.aborted += 1
+                raise
+            self.transactions += 1
+            key = (last.topic, last.partition)
+            self._committed[key] = max(self._committed.get(key, 0), last.offset + 1)
+            for event in events:
+                await ack(event)
+            await _steps(txp, tid, txp.begin_transaction)
 
     async def commit_transactions(
         self,

@@ -1,20 +1,47 @@
-"""Recent prompts by id, so that a response can be paired with its prompt by `reply_to`.
+"""Recent prompts, so that a response can be paired with its prompt by `reply_to`, by event time.
 
-The store is a Faust table (changelog-backed: a restarted worker recovers it) written through
-`PromptStore`, which bounds it by age and size and lets a response wait for a prompt that has
-not arrived yet. Prompts and responses are keyed by conversation id on topics with the same
-partition count, so a response is read by the same worker as its prompt; each entry is written to
-the changelog partition of the prompt it came from.
+The store is a Faust table (changelog-backed: a worker that takes over a partition recovers it
+before it consumes) written through `PromptStore`, which bounds it by age and size. Entries are
+keyed by tenant, conversation and prompt id (`prompt_key`): message ids are the producer's, not
+global, so one tenant's response never pairs with another tenant's prompt.
+
+A response whose prompt is not in the table waits for it by event time, as a stream-table join
+with a grace period does: each prompts partition has a watermark, the time its prompts stream has
+reached (the largest prompt timestamp consumed there, or the wall clock while the partition is
+read to its end). The response is moderated without its prompt only when every prompts partition
+its prompt can be in (of those this worker holds) has passed the response's timestamp plus the
+grace, or when a generous wall-clock bound has passed. While a partition is being recovered or
+rebalanced, or is behind the response's time (a catch-up backlog), its watermark does not move,
+so the response keeps waiting. At a rebalance the waiting responses are given up unpublished
+(`service.pipeline`) and read again by whoever owns them next; the watermarks start afresh.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Collection, MutableMapping
+from dataclasses import dataclass, field
 from typing import Any
 
 Changelog = Callable[[int, str, dict[str, Any] | None], None]
+
+_SEP = "\x1f"
+
+
+def prompt_key(tenant: str | None, conversation_id: str, prompt_id: str) -> str:
+    """The table key of a prompt: tenant (empty when none), conversation id and message id."""
+    return _SEP.join((tenant or "", conversation_id, prompt_id))
+
+
+@dataclass(eq=False)
+class _Waiter:
+    key: str
+    due: float  # the response's timestamp plus the grace (epoch seconds)
+    partitions: frozenset[int]
+    future: asyncio.Future[str | None] = field(repr=False)
 
 
 class PromptStore:
@@ -25,54 +52,121 @@ class PromptStore:
         *,
         ttl_s: float,
         max_entries: int,
+        grace_s: float = 5.0,
+        max_wait_s: float = 120.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._data = data
         self._changelog = changelog
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.grace_s = grace_s
+        self.max_wait_s = max_wait_s
         self._clock = clock
-        self._waiters: dict[str, list[asyncio.Future[str]]] = {}
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._due: dict[int, list[tuple[float, int, _Waiter]]] = {}  # heaps, per partition
+        self._seq = itertools.count()
+        self.watermarks: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self._data)
 
-    def put(self, prompt_id: str, text: str, partition: int) -> None:
+    @property
+    def waiting(self) -> int:
+        return sum(len(w) for w in self._waiters.values())
+
+    # --- prompts -----------------------------------------------------------------------------
+
+    def put(self, key: str, text: str, partition: int, ts: float | None = None) -> None:
+        """Store a prompt read from `partition` (its Kafka timestamp `ts`, epoch seconds), wake
+        the responses waiting for it, and move the partition's watermark to `ts`."""
         value = {"text": text, "ts": self._clock(), "p": partition}
-        self._data[prompt_id] = value
-        self._changelog(partition, prompt_id, value)
-        for fut in self._waiters.pop(prompt_id, []):
-            if not fut.done():
-                fut.set_result(text)
+        self._data[key] = value
+        self._changelog(partition, key, value)
+        for waiter in self._waiters.pop(key, []):
+            if not waiter.future.done():
+                waiter.future.set_result(text)
         if len(self._data) > self.max_entries:
             self.sweep()
+        if ts is not None:
+            self.advance(partition, ts)
 
-    def get(self, prompt_id: str) -> str | None:
-        value = self._data.get(prompt_id)
+    def get(self, key: str) -> str | None:
+        value = self._data.get(key)
         if not isinstance(value, dict) or "text" not in value:
             return None
         if self._clock() - float(value.get("ts", 0)) > self.ttl_s:
             return None
         return str(value["text"])
 
-    async def wait_for(self, prompt_id: str, timeout_s: float) -> str | None:
-        """The prompt's text, waiting up to `timeout_s` for it to arrive; None if it does not."""
-        text = self.get(prompt_id)
-        if text is not None or timeout_s <= 0:
-            return text
-        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(prompt_id, []).append(fut)
+    # --- event time --------------------------------------------------------------------------
+
+    def advance(self, partition: int, ts: float) -> None:
+        """The prompts stream of `partition` has reached `ts`: release the responses it passed."""
+        if ts <= self.watermarks.get(partition, float("-inf")):
+            return
+        self.watermarks[partition] = ts
+        heap = self._due.get(partition)
+        while heap and heap[0][0] <= ts:
+            _, _, waiter = heapq.heappop(heap)
+            if not waiter.future.done() and self._passed(waiter):
+                waiter.future.set_result(None)
+
+    def reset(self) -> None:
+        """Forget the watermarks (partitions were revoked; the next owner starts afresh)."""
+        self.watermarks.clear()
+        self._due = {
+            p: [e for e in heap if not e[2].future.done()] for p, heap in self._due.items()
+        }
+        for heap in self._due.values():
+            heapq.heapify(heap)
+
+    def _passed(self, waiter: _Waiter) -> bool:
+        marks = self.watermarks
+        return all(marks.get(p, float("-inf")) >= waiter.due for p in waiter.partitions)
+
+    async def wait_for(
+        self, key: str, ts: float, partitions: Collection[int]
+    ) -> tuple[str | None, str]:
+        """The prompt's text, waiting by event time for it; None if it does not come.
+
+        `ts` is the response's timestamp, `partitions` the prompts partitions the prompt can be
+        in. Returns `(text, how)`: how is `table` (it was there), `waited` (it came), `passed`
+        (the prompts stream passed `ts` plus the grace without it) or `timeout` (the wall-clock
+        bound `max_wait_s` ran out first).
+        """
+        text = self.get(key)
+        if text is not None:
+            return text, "table"
+        waiter = _Waiter(
+            key,
+            ts + self.grace_s,
+            frozenset(partitions),
+            asyncio.get_running_loop().create_future(),
+        )
+        if self._passed(waiter):
+            return None, "passed"
+        self._waiters.setdefault(key, []).append(waiter)
+        for p in waiter.partitions:
+            heapq.heappush(self._due.setdefault(p, []), (waiter.due, next(self._seq), waiter))
         try:
-            async with asyncio.timeout(timeout_s):
-                return await fut
+            async with asyncio.timeout(self.max_wait_s):
+                text = await waiter.future
         except TimeoutError:
-            return None
+            return None, "timeout"
         finally:
-            waiters = self._waiters.get(prompt_id)
-            if waiters is not None and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del self._waiters[prompt_id]
+            self._forget(waiter)
+        return (text, "waited") if text is not None else (None, "passed")
+
+    def _forget(self, waiter: _Waiter) -> None:
+        waiters = self._waiters.get(waiter.key)
+        if waiters is not None and waiter in waiters:
+            waiters.remove(waiter)
+            if not waiters:
+                del self._waiters[waiter.key]
+        # Its heap entries are dropped lazily: a done future is skipped when popped.
+
+    # --- bounds ------------------------------------------------------------------------------
 
     def sweep(self) -> int:
         """Drop entries older than the TTL; then, when more than `max_entries` are left, the

@@ -18,6 +18,7 @@ from schemas.decode import DecodeError, InputLimits, decode_event
 from schemas.events import EventKind, PromptEvent, ResponseEvent, SourceRef
 from schemas.verdict import ModerationRequest, Verdict
 from service.config import Settings
+from service.copartition import PartitionCheck
 from service.lanes import Ack, Item, Lane, Send, Transact
 from service.messages import (
     Outgoing,
@@ -26,10 +27,20 @@ from service.messages import (
     dead_letter_key,
     verdict_event,
 )
-from service.pairing import PromptStore
+from service.pairing import PromptStore, prompt_key
 from service.telemetry import Telemetry, Track
 
 log = logging.getLogger("guardstream.pipeline")
+
+
+def _ignore(message: Any) -> None:
+    return None
+
+
+def _timestamp(event: Any) -> float:
+    """The message's Kafka timestamp (epoch seconds; the producer's create time by default)."""
+    ts = getattr(event.message, "timestamp", None)
+    return float(ts) if isinstance(ts, int | float) and ts > 0 else time.time()
 
 
 class Processor:
@@ -44,6 +55,7 @@ class Processor:
         on_dead_letter: Callable[[str], None] | None = None,
         transact: Transact | None = None,
         telemetry: Telemetry | None = None,
+        partitions: int | None = None,
     ) -> None:
         self.settings = settings
         self.guard = guard
@@ -59,45 +71,74 @@ class Processor:
         self._transact = transact  # exactly_once: service.eos.TransactionalPublisher.publish
         self.dead_letters = 0
         self._telemetry = telemetry if telemetry is not None else Telemetry.off(settings)
+        metrics = self._telemetry.metrics
+        self._pairing = metrics.pairing
+        #: Co-partitioning check (None: the partition count is not known, nothing checked).
+        self.partition_check = PartitionCheck(partitions) if partitions else None
+        if self.partition_check is not None:
+            metrics.misrouted = self.partition_check.misrouted
+        #: Offset of the last prompt stored, per prompts partition (the pairing clock reads it).
+        self.prompt_offsets: dict[int, int] = {}
+        # Backpressure: events held per input topic (in lanes, waiting for the model or for a
+        # prompt) are bounded; an agent waits for a place before it takes the next event.
+        #: Called with each message the processor takes (`service.acks.AckGuard.take`).
+        self.take: Callable[[Any], None] = _ignore
+        self._room = {
+            topic: asyncio.Semaphore(settings.max_pending)
+            for topic in (settings.topic_prompts, settings.topic_responses)
+        }
 
     # --- entry points ------------------------------------------------------------------------
 
     async def on_prompt(self, event: Any, ack: Ack) -> None:
         t0 = time.monotonic()
         track = self._telemetry.begin(event)
-        lane, source = self._lane(event, ack)
+        lane, source, release = await self._enter(event, ack)
         try:
             with track.parse():
                 prompt = decode_event(event.value, PromptEvent, self._limits)
         except DecodeError as err:
-            lane.put(Item(event, ready=self._dead(event, source, err, track), on_done=track.done))
+            ready = self._dead(event, source, err, track)
+            self._put(lane, Item(event, ready=ready, on_done=track.done, release=release))
             return
+        self._check_partition(source, prompt.conversation_id)
         if self.settings.moderate in ("responses", "both"):
-            self.store.put(prompt.id, prompt.text, source.partition)
+            key = prompt_key(prompt.tenant, prompt.conversation_id, prompt.id)
+            self.store.put(key, prompt.text, source.partition, _timestamp(event))
+        self.prompt_offsets[source.partition] = source.offset
         if self.settings.moderate == "responses":
-            lane.put(Item(event, ready=[], on_done=track.done))
+            self._put(lane, Item(event, ready=[], on_done=track.done, release=release))
             return
         request = ModerationRequest(
             prompt=prompt.text, prompt_id=prompt.id, conversation_id=prompt.conversation_id
         )
         with track.current():
             future = await self.guard.submit(request)
-        lane.put(self._item(event, future, prompt, "prompt", source, t0, track))
+        self._put(lane, self._item(event, future, prompt, "prompt", source, t0, track, release))
 
     async def on_response(self, event: Any, ack: Ack) -> None:
         t0 = time.monotonic()
         track = self._telemetry.begin(event)
-        lane, source = self._lane(event, ack)
+        lane, source, release = await self._enter(event, ack)
         try:
             with track.parse():
                 response = decode_event(event.value, ResponseEvent, self._limits)
         except DecodeError as err:
-            lane.put(Item(event, ready=self._dead(event, source, err, track), on_done=track.done))
+            ready = self._dead(event, source, err, track)
+            self._put(lane, Item(event, ready=ready, on_done=track.done, release=release))
             return
         if self.settings.moderate == "prompts":
-            lane.put(Item(event, ready=[], on_done=track.done))
+            self._put(lane, Item(event, ready=[], on_done=track.done, release=release))
             return
-        prompt_text = response.prompt or self.store.get(response.reply_to)
+        self._check_partition(source, response.conversation_id)
+        key = prompt_key(response.tenant, response.conversation_id, response.reply_to)
+        prompt_text = response.prompt
+        if prompt_text is not None:
+            self._pairing[("inline",)] += 1
+        else:
+            prompt_text = self.store.get(key)
+            if prompt_text is not None:
+                self._pairing[("table",)] += 1
         if prompt_text is not None:
             request = ModerationRequest(
                 prompt=prompt_text,
@@ -108,12 +149,82 @@ class Processor:
             )
             with track.current():
                 future = await self.guard.submit(request)
-            lane.put(self._item(event, future, response, "response", source, t0, track))
+            item = self._item(event, future, response, "response", source, t0, track, release)
+            self._put(lane, item)
             return
-        # The prompt has not been seen (yet): wait for it without holding up the stream.
+        # The prompt has not been seen (yet): wait for it by event time, without holding up
+        # the stream (the lane keeps the partition's order; the event keeps its place).
+        check = self.partition_check
+        partitions = (
+            check.candidates(source.partition, response.conversation_id)
+            if check is not None
+            else frozenset((source.partition,))
+        )
         with track.current():  # the task inherits the message span as its current one
-            waiting = asyncio.get_running_loop().create_task(self._paired_later(response))
-        lane.put(self._item(event, waiting, response, "response", source, t0, track))
+            waiting = asyncio.get_running_loop().create_task(
+                self._paired_later(response, key, _timestamp(event), partitions)
+            )
+        item = self._item(event, waiting, response, "response", source, t0, track, release)
+        item.waits_prompt = True
+        self._put(lane, item)
+
+    def give_back(self) -> int:
+        """Partitions are being revoked (Faust revokes them all at once) or the worker stops:
+        give up the responses
+        that wait for their prompt, and everything behind them in their lane, unpublished and
+        unacknowledged, so that the rebalance does not wait for them; whoever owns their
+        partition next reads them again, after recovering the prompts table. Returns how many
+        events were given up."""
+        given_up = 0
+        for lane in self._lanes.values():
+            # A failed lane publishes nothing more: all of its events go back.
+            taken = lane.take_all() if lane.failed is not None else lane.give_up_waiting()
+            if taken:
+                first = taken[0].event.message
+                log.info(
+                    "handing back %d events of %s from offset %d",
+                    len(taken),
+                    lane.name,
+                    first.offset,
+                )
+            for item in taken:
+                self._hand_back(item)
+                given_up += 1
+        self.store.reset()
+        self.prompt_offsets.clear()
+        if given_up:
+            log.info("%d events handed back unpublished, to be read again", given_up)
+        return given_up
+
+    def _put(self, lane: Lane, item: Item) -> None:
+        if not lane.put(item):  # sealed by a hand-back: this one goes back too
+            self._hand_back(item)
+
+    @staticmethod
+    def _hand_back(item: Item) -> None:
+        if item.future is not None and not item.future.done() and item.waits_prompt:
+            item.future.cancel()
+        # Faust waits at a rebalance for every event it handed out to be acked; marking it
+        # acked without `Consumer.ack` releases that wait and commits nothing, so the offset
+        # stays where the last published event left it and the event is read again.
+        item.event.message.acked = True
+        if item.release is not None:
+            item.release()
+
+    def drop_lanes(self, tps: Any) -> None:
+        """Forget the lanes of revoked partitions (they are idle by now: Faust waited for them)."""
+        for tp in tps:
+            lane = self._lanes.pop((tp.topic, tp.partition), None)
+            if lane is not None:
+                asyncio.get_running_loop().create_task(lane.close(timeout=None))
+
+    def unhealthy_lanes(self) -> dict[str, str]:
+        """Lanes that stopped or keep failing, with why."""
+        return {
+            lane.name: (lane.failed or lane.stalled or "")
+            for lane in self._lanes.values()
+            if not lane.healthy
+        }
 
     async def close(self, timeout: float | None) -> bool:
         """Publish what is in flight within `timeout`; True when everything was published."""
@@ -126,9 +237,11 @@ class Processor:
 
     # --- internals ---------------------------------------------------------------------------
 
-    async def _paired_later(self, response: ResponseEvent) -> tuple[ModerationResult, bool]:
-        wait_s = self.settings.pairing_wait_ms / 1000
-        prompt_text = await self.store.wait_for(response.reply_to, wait_s)
+    async def _paired_later(
+        self, response: ResponseEvent, key: str, ts: float, partitions: frozenset[int]
+    ) -> tuple[ModerationResult, bool]:
+        prompt_text, how = await self.store.wait_for(key, ts, partitions)
+        self._pairing[(how,)] += 1
         request = ModerationRequest(
             prompt=prompt_text or "",
             response=response.text,
@@ -137,6 +250,21 @@ class Processor:
             conversation_id=response.conversation_id,
         )
         return await self.guard.moderate(request), prompt_text is None
+
+    async def _enter(
+        self, event: Any, ack: Ack
+    ) -> tuple[Lane, SourceRef, Callable[[], None] | None]:
+        """Wait for a place in the event's topic's bound; its lane, source and place's release."""
+        self.take(event.message)
+        room = self._room.get(event.message.topic)
+        if room is not None:
+            await room.acquire()
+        lane, source = self._lane(event, ack)
+        return lane, source, room.release if room is not None else None
+
+    def _check_partition(self, source: SourceRef, conversation_id: str) -> None:
+        if self.partition_check is not None:
+            self.partition_check.check(source.topic, source.partition, conversation_id)
 
     def _lane(self, event: Any, ack: Ack) -> tuple[Lane, SourceRef]:
         msg = event.message
@@ -150,6 +278,7 @@ class Processor:
                 ack,
                 fatal=(BatcherClosed,),
                 transact=self._transact,
+                stall_after_s=self.settings.publish_stall_s,
             )
             self._lanes[key] = lane
         return lane, source
@@ -188,6 +317,7 @@ class Processor:
         source: SourceRef,
         t0: float,
         track: Track,
+        release: Callable[[], None] | None,
     ) -> Item:
         def convert(value: ModerationResult | tuple[ModerationResult, bool]) -> list[Outgoing]:
             result, missing = value if isinstance(value, tuple) else (value, False)
@@ -207,7 +337,12 @@ class Processor:
             return self._verdict_records(chat, kind, failed, source, t0, False, track)
 
         return Item(
-            event, future=future, convert=convert, on_failure=on_failure, on_done=track.done
+            event,
+            future=future,
+            convert=convert,
+            on_failure=on_failure,
+            on_done=track.done,
+            release=release,
         )
 
     def _verdict_records(

@@ -3,9 +3,11 @@
 - `/healthz` (liveness): 200 while the process runs and its event loop is responsive: a timer
   beats every second; when the last beat is older than `STALE_AFTER_S`, 503.
 - `/readyz` (readiness): 200 when the engine is loaded, the worker has joined its consumer
-  group and is flowing (no rebalance under way), and the verdict cache is available or allowed
-  to be degraded (GUARDSTREAM_CACHE_REQUIRED=false); else 503. A replica that the group gave no
-  partition (more replicas than partitions: a hot spare) is ready too; its body says
+  group, recovered its prompts table and is flowing (no rebalance under way), every publishing
+  lane is healthy (none stopped by an error that retrying cannot mend, none failing to produce
+  for `PUBLISH_STALL_S`: `lanes_failing` says which and why), and the verdict cache is available
+  or allowed to be degraded (GUARDSTREAM_CACHE_REQUIRED=false); else 503. A replica that the
+  group gave no partition (more replicas than partitions: a hot spare) is ready too; its body says
   `"kafka_partitions": 0`. The JSON body says which check failed and the cache's state either
   way.
 - `/metrics`: the Prometheus text exposition of `service.telemetry.metrics` (404 when
@@ -27,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from engine.cache import RedisVerdictCache
 from engine.guard import Guard
 from service.config import Settings
+from service.pipeline import Processor
 from service.telemetry.lag import LagTracker
 from service.telemetry.metrics import Metrics
 
@@ -42,9 +45,15 @@ class Health:
     """Liveness and readiness of one worker."""
 
     def __init__(
-        self, app: Any, guard: Guard, settings: Settings, engine_loaded: asyncio.Event
+        self,
+        app: Any,
+        guard: Guard,
+        settings: Settings,
+        engine_loaded: asyncio.Event,
+        processor: Processor | None = None,
     ) -> None:
         self._app = app
+        self._processor = processor
         self._guard = guard
         self._settings = settings
         self._engine_loaded = engine_loaded
@@ -76,6 +85,10 @@ class Health:
         except Exception:  # noqa: BLE001 - the consumer is not started yet
             partitions = 0
         consuming = joined and not app.rebalancing and app.flow_control.is_active()
+        # Table recovery (the prompts of partitions taken over, read back from the changelog)
+        # runs after the join; responses are consumed only once it is done.
+        recovered = not getattr(app, "in_recovery", False)
+        lanes = self._processor.unhealthy_lanes() if self._processor is not None else {}
         cache = self._guard.cache
         required = self._settings.cache_required
         state = getattr(cache, "state", "closed") if cache is not None else None
@@ -84,6 +97,8 @@ class Health:
             "engine_loaded": self._engine_loaded.is_set(),
             "kafka_joined": joined,
             "consuming": consuming,
+            "tables_recovered": recovered,
+            "lanes_ok": not lanes,
             "cache_ok": available or not required or cache is None,
         }
         ready = all(checks.values())
@@ -91,6 +106,7 @@ class Health:
             "ready": ready,
             **checks,
             "kafka_partitions": partitions,
+            "lanes_failing": lanes,
             "cache": {
                 "enabled": cache is not None,
                 "required": required,

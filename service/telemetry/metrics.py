@@ -103,6 +103,10 @@ class Metrics:
         self.flagged: Tally = Counter({("prompt",): 0, ("response",): 0})
         self.dead_letters: Tally = Counter()
         self.cache_changes: Tally = Counter()
+        self.pairing: Tally = Counter()
+        #: (topic, partitioner) of inputs outside their conversation's murmur2 partition; the
+        #: processor's PartitionCheck replaces it with its own tally.
+        self.misrouted: Tally = Counter()
         self._instruments()
 
     # --- set-up ------------------------------------------------------------------------------
@@ -146,6 +150,21 @@ class Metrics:
             [_observe(self.dead_letters, ["reason"])],
             unit="{message}",
             description="Inputs published to the dead-letter topic, per reason.",
+        )
+        counter(
+            "guardstream_pairing",
+            [_observe(self.pairing, ["outcome"])],
+            unit="{response}",
+            description="Responses by how they were paired: inline, table (prompt already "
+            "stored), waited (it came later), passed (the prompts stream passed the response's "
+            "time without it), timeout (PAIRING_MAX_WAIT_S ran out).",
+        )
+        counter(
+            "guardstream_misrouted",
+            [lambda _o: _observe(self.misrouted, ["topic", "partitioner"])(_o)],
+            unit="{message}",
+            description="Inputs not in the partition their conversation id hashes to (murmur2), "
+            "per topic and the partitioner they match (crc32: librdkafka's default; other).",
         )
         counter(
             "guardstream_cache_state_changes",

@@ -40,6 +40,8 @@ def replay_dir(tmp_path: Path, shared_dir: Path) -> Path:
 
 @pytest.fixture
 def fault_env(own_services: OwnServices, replay_dir: Path, unique: str) -> dict[str, str]:
+    """The default configuration (MODERATE=both: prompts stored for pairing; cache on), on the
+    suite's own broker and Redis; a test in another mode sets it and says so in its name."""
     return {
         **topic_env(unique),
         "GUARDSTREAM_KAFKA_BOOTSTRAP_SERVERS": own_services.bootstrap,
@@ -47,11 +49,9 @@ def fault_env(own_services: OwnServices, replay_dir: Path, unique: str) -> dict[
         "GUARDSTREAM_ENGINE": "replay",
         "GUARDSTREAM_REPLAY_PATH": str(replay_dir),
         "GUARDSTREAM_MAX_NEW_TOKENS": "4096",
-        "GUARDSTREAM_MODERATE": "prompts",
         "GUARDSTREAM_TOPIC_PARTITIONS": "4",
         "GUARDSTREAM_BATCH_MAX_SIZE": "32",
         "GUARDSTREAM_BATCH_MAX_WAIT_MS": "20",
-        "GUARDSTREAM_CACHE_ENABLED": "false",
         "GUARDSTREAM_LOG_LEVEL": "INFO",
         "GUARDSTREAM_LOG_FORMAT": "text",
         "GUARDSTREAM_GRACE_PERIOD_S": "20",

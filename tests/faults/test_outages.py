@@ -5,6 +5,7 @@ Both tests stop services of the fault suite's own (`own_services`), never the sh
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.faults.harness import (
     prompt_events,
     read_topic,
     replay_samples,
+    wait_for,
 )
 from tests.faults.services import OwnServices
 from tests.service.harness import produce
@@ -128,7 +130,12 @@ async def test_redis_down_mid_stream(
     degraded_s = time.monotonic() - down_at
     metrics_down = _cache_metrics(worker.metrics())
     own_services.up("redis")  # an empty Redis (no persistence)
-    await asyncio.sleep(6)  # the breaker probes again after 5 s
+
+    async def cache_back() -> bool:  # the breaker closed again (the worker pings every 2 s)
+        _status, body = worker.get("/readyz")
+        return bool(body) and json.loads(body)["cache"]["state"] == "closed"
+
+    assert await wait_for(cache_back, 60, interval=0.2), worker.log_tail()
     refill = await wave(2)  # misses, written to the new Redis
     after = await wave(3)  # served from it
     metrics_after = _cache_metrics(worker.metrics())

@@ -204,3 +204,60 @@ async def test_shadow_mode_publishes_verdicts_and_nothing_to_flagged(
     assert flagged == []
     log = (tmp_path / "worker.log").read_text()
     assert "shadow mode (GUARDSTREAM_SHADOW)" in log
+
+
+async def test_tenants_with_the_same_message_ids_never_pair_across(
+    tmp_path: Path, shared_dir: Path, base_env: dict[str, str], kafka_bootstrap: str
+) -> None:
+    """Two tenants send the same prompt id in the same conversation; each response pairs with
+    its own tenant's prompt. The replay engine answers only a recorded (prompt, response) pair,
+    so a response paired with the other tenant's prompt would get an engine_error verdict."""
+    rows = [r for r in samples(shared_dir, "1B", "HarmBenchResponse") if r["response"]][:2]
+    assert rows[0]["prompt"] != rows[1]["prompt"]
+    env = {
+        **base_env,
+        "GUARDSTREAM_REPLAY_PATH": str(
+            replay_folder(tmp_path, shared_dir, "1B", ["HarmBenchResponse"])
+        ),
+    }
+    tenants = ["acme", "globex"]
+
+    def event(body: dict[str, str], tenant: str) -> tuple[bytes, bytes]:
+        return b"conv-shared", json.dumps({**body, "tenant": tenant}).encode()
+
+    with running_worker(env, tmp_path / "worker.log") as worker:
+        await produce(
+            kafka_bootstrap,
+            env["GUARDSTREAM_TOPIC_PROMPTS"],
+            [
+                event({"id": "m1", "conversation_id": "conv-shared", "text": r["prompt"]}, t)
+                for t, r in zip(tenants, rows, strict=True)
+            ],
+        )
+        await produce(
+            kafka_bootstrap,
+            env["GUARDSTREAM_TOPIC_RESPONSES"],
+            [
+                event(
+                    {
+                        "id": f"r-{t}",
+                        "conversation_id": "conv-shared",
+                        "reply_to": "m1",
+                        "text": r["response"] or "",
+                    },
+                    t,
+                )
+                for t, r in zip(tenants, rows, strict=True)
+            ],
+        )
+        got = values(
+            await consume(kafka_bootstrap, env["GUARDSTREAM_TOPIC_VERDICTS"], 4, timeout=60)
+        )
+        assert worker.ready(), worker.log_tail()
+    responses = {v["source_id"]: v for v in got if v["kind"] == "response"}
+    assert sorted(responses) == ["r-acme", "r-globex"], worker.log_tail()
+    for tenant in tenants:
+        v = responses[f"r-{tenant}"]
+        assert v["tenant"] == tenant
+        assert not v["prompt_missing"]
+        assert v["verdict"]["engine_error"] is None, v["verdict"]["engine_error"]

@@ -70,15 +70,6 @@ async def test_full_prompt_store_is_swept_in_steps_not_on_every_put() -> None:
     assert sum(1 for _, _, v in log if v is None) == deletions
 
 
-async def test_waiting_response_is_woken_by_its_prompt() -> None:
-    store, _, _ = _store()
-    waiter = asyncio.create_task(store.wait_for("p9", 5))
-    await asyncio.sleep(0.01)
-    store.put("p9", "late prompt", 1)
-    assert await asyncio.wait_for(waiter, 1) == "late prompt"
-    assert await store.wait_for("never", 0.05) is None
-
-
 def _rec(n: int) -> Outgoing:
     return Outgoing("out", None, str(n).encode())
 

@@ -146,6 +146,7 @@ class Runtime:
             partitions=partitions,
         )
         self.app.give_back = self.processor.give_back
+        self.processor.held_prompt_partitions = self._held_prompt_partitions
         self.acks = AckGuard()
         self.processor.take = self.acks.take
         self.health = Health(self.app, guard, settings, self.started, self.processor)
@@ -222,6 +223,14 @@ class Runtime:
             await self.guard.close(drain=done, timeout=grace * 0.1)
             log.info("shutdown: in-flight verdicts %s", "published" if done else "abandoned")
             self.telemetry.shutdown()
+
+    def _held_prompt_partitions(self) -> frozenset[int]:
+        try:
+            assignment = self.app.consumer.assignment()
+        except Exception:  # noqa: BLE001 - the consumer is not started yet
+            return frozenset()
+        topic = self.settings.topic_prompts
+        return frozenset(tp.partition for tp in assignment if tp.topic == topic)
 
     def _tick_pairing_clock(self) -> None:
         """Move the watermark of each prompts partition that is read to its end to now: no

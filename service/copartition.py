@@ -54,17 +54,9 @@ class PartitionCheck:
         self._warned: dict[str, float] = {}
         self._since_warning: Counter[str] = Counter()
 
-    def candidates(self, partition: int, conversation_id: str) -> frozenset[int]:
-        """The prompts partitions a response's prompt can be in: the response's own (where a
-        co-partitioned producer puts it) and where each known partitioner puts the id."""
-        key = conversation_id.encode()
-        return frozenset(
-            (
-                partition,
-                java_partition(key, self.partitions),
-                librdkafka_partition(key, self.partitions),
-            )
-        )
+    def expected(self, conversation_id: str) -> int:
+        """The partition murmur2 (Kafka's default) puts the conversation id in."""
+        return java_partition(conversation_id.encode(), self.partitions)
 
     def check(self, topic: str, partition: int, conversation_id: str) -> bool:
         """True when the message is where murmur2 puts its conversation id."""

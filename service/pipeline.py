@@ -81,6 +81,8 @@ class Processor:
         self.prompt_offsets: dict[int, int] = {}
         # Backpressure: events held per input topic (in lanes, waiting for the model or for a
         # prompt) are bounded; an agent waits for a place before it takes the next event.
+        #: The prompts partitions this worker holds now (the app's consumer assignment).
+        self.held_prompt_partitions: Callable[[], frozenset[int]] = frozenset
         #: Called with each message the processor takes (`service.acks.AckGuard.take`).
         self.take: Callable[[Any], None] = _ignore
         self._room = {
@@ -154,12 +156,7 @@ class Processor:
             return
         # The prompt has not been seen (yet): wait for it by event time, without holding up
         # the stream (the lane keeps the partition's order; the event keeps its place).
-        check = self.partition_check
-        partitions = (
-            check.candidates(source.partition, response.conversation_id)
-            if check is not None
-            else frozenset((source.partition,))
-        )
+        partitions = self._prompt_partitions(source.partition, response.conversation_id)
         with track.current():  # the task inherits the message span as its current one
             waiting = asyncio.get_running_loop().create_task(
                 self._paired_later(response, key, _timestamp(event), partitions)
@@ -262,9 +259,27 @@ class Processor:
         lane, source = self._lane(event, ack)
         return lane, source, room.release if room is not None else None
 
-    def _check_partition(self, source: SourceRef, conversation_id: str) -> None:
-        if self.partition_check is not None:
-            self.partition_check.check(source.topic, source.partition, conversation_id)
+    def _check_partition(self, source: SourceRef, conversation_id: str) -> bool:
+        check = self.partition_check
+        if check is None:
+            return True
+        return check.check(source.topic, source.partition, conversation_id)
+
+    def _prompt_partitions(self, partition: int, conversation_id: str) -> frozenset[int]:
+        """The prompts partitions a response's prompt can be in, of those this worker holds: its
+        own partition number (co-partitioned producers put it there) and, for a response not
+        where murmur2 puts its conversation, where murmur2 puts it (a Java-partitioned prompts
+        producer). A partition this worker does not hold is left out: its stream never moves
+        here, so waiting for it would only wait for the wall-clock bound."""
+        own = frozenset((partition,))
+        check = self.partition_check
+        if check is None:
+            return own
+        expected = check.expected(conversation_id)
+        if expected == partition:
+            return own
+        held = self.held_prompt_partitions()
+        return own | ({expected} & held)
 
     def _lane(self, event: Any, ack: Ack) -> tuple[Lane, SourceRef]:
         msg = event.message

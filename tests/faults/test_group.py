@@ -240,3 +240,63 @@ async def test_a_backlog_caught_up_by_one_then_three_workers_pairs_every_respons
     assert figures["lost"] == 0, figures
     assert figures["unpaired"] == 0, figures
     assert stream_f1(stream, got) == pytest.approx(stream.expected_f1, abs=1e-9)
+
+
+def _pairing(worker: Worker) -> dict[str, float]:
+    status, body = worker.get("/metrics")
+    assert status == 200
+    out: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line.startswith("guardstream_pairing_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = out.get(outcome, 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+@pytest.mark.timeout(300)
+async def test_a_prompt_that_never_comes_is_given_up_by_event_time_in_a_group(
+    group_env: dict[str, str],
+    workers: Callable[[dict[str, str], str], Worker],
+    own_services: OwnServices,
+    report: Callable[..., None],
+) -> None:
+    """Two workers; responses by reply_to to prompts that never come: each is moderated alone
+    once its prompts partition passed its time (outcome `passed`), none waits for the
+    wall-clock bound (`timeout`), wherever its partition is."""
+    bootstrap = own_services.bootstrap
+    one, two = workers(group_env, "w1"), workers(group_env, "w2")
+    await asyncio.to_thread(one.start)
+    await asyncio.to_thread(two.start)
+
+    async def settled() -> bool:
+        return one.ready() and two.ready()
+
+    from tests.faults.harness import wait_for
+
+    assert await wait_for(settled, 90, interval=0.2)
+    n = 24
+    events = [
+        (
+            "responses",
+            f"conv-{i}".encode(),
+            json.dumps(
+                {
+                    "id": f"r{i}",
+                    "conversation_id": f"conv-{i}",
+                    "reply_to": f"gone-{i}",
+                    "text": "Sure.",
+                }
+            ).encode(),
+        )
+        for i in range(n)
+    ]
+    t0 = time.monotonic()
+    await produce_stream(bootstrap, _topics(group_env), events)
+    got = await read_topic(bootstrap, group_env["GUARDSTREAM_TOPIC_VERDICTS"], until=n, timeout=200)
+    took = time.monotonic() - t0
+    outcomes = [_pairing(one), _pairing(two)]
+    report(responses=n, verdicts=len(got), all_verdicts_s=round(took, 1), outcomes=outcomes)
+    assert sorted(v["source_id"] for v in got) == sorted(f"r{i}" for i in range(n))
+    assert all(v["prompt_missing"] for v in got)
+    assert sum(o.get("passed", 0) for o in outcomes) == n, outcomes
+    assert not any(o.get("timeout") for o in outcomes), outcomes

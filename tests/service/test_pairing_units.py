@@ -125,11 +125,7 @@ def test_misrouted_messages_are_counted_and_warned_about_once_a_window(
     warnings = [r for r in caplog.records if "chat.responses" in r.getMessage()]
     assert len(warnings) == 2  # one at the first, one after the window
     assert "murmur2_random" in warnings[0].getMessage()
-    assert check.candidates(3, wrong[0]) == {
-        3,
-        java_partition(wrong[0].encode(), 8),
-        librdkafka_partition(wrong[0].encode(), 8),
-    }
+    assert check.expected(wrong[0]) == java_partition(wrong[0].encode(), 8)
 
 
 def _rec(n: int) -> Outgoing:

@@ -130,6 +130,7 @@ class Runtime:
             max_entries=settings.prompt_table_max,
             grace_s=settings.pairing_wait_ms / 1000,
             max_wait_s=settings.pairing_max_wait_s,
+            changelog_record=self._changelog_record,
         )
         eos: TransactionalPublisher | None = None
         if settings.processing_guarantee == "exactly_once":
@@ -162,12 +163,25 @@ class Runtime:
         else:
             self.table.send_changelog(partition, key, value)
 
+    def _changelog_record(self, partition: int, key: str, value: dict[str, Any]) -> Outgoing:
+        """A table entry as Faust writes it to the changelog (its key and value serializers),
+        for the prompt's lane to publish with the prompt's own output."""
+        serializers, table = self.app.serializers, self.table
+        return Outgoing(
+            table.changelog_topic.get_topic_name(),
+            serializers.dumps_key(str, key, serializer=table.key_serializer),
+            serializers.dumps_value(None, value, serializer=table.value_serializer),
+            partition=partition,
+        )
+
     async def _send(self, rec: Outgoing) -> Any:
         # Straight to the producer, as Topic.send ends up doing, without the FutureMessage,
         # serializer, sensor and callback layers around each record that the lanes do not use
         # (they await the broker's acknowledgement themselves).
         producer = await self.app.maybe_start_producer()
-        return await producer.send(rec.topic, rec.key, rec.value, None, None, list(rec.headers))
+        return await producer.send(
+            rec.topic, rec.key, rec.value, rec.partition, None, list(rec.headers)
+        )
 
     def _wire(self) -> None:
         app, settings, processor = self.app, self.settings, self.processor

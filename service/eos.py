@@ -87,7 +87,13 @@ class TransactionalPublisher:
         async with lock:
             try:
                 pending = [
-                    await txp.send(rec.topic, rec.value, key=rec.key, headers=list(rec.headers))
+                    await txp.send(
+                        rec.topic,
+                        rec.value,
+                        key=rec.key,
+                        partition=rec.partition,
+                        headers=list(rec.headers),
+                    )
                     for rec in records
                 ]
                 await asyncio.gather(*pending)

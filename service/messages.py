@@ -27,6 +27,7 @@ class Outgoing:
     key: bytes | None
     value: bytes
     headers: tuple[tuple[str, bytes], ...] = ()
+    partition: int | None = None  # None: the producer's partitioner decides
 
 
 def is_flagged(verdict: Verdict, policy: str) -> bool:

@@ -26,7 +26,11 @@ from collections.abc import Callable, Collection, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.messages import Outgoing
+
 Changelog = Callable[[int, str, dict[str, Any] | None], None]
+#: (partition, key, value) -> the changelog record, in the table's own key and value formats.
+ChangelogRecord = Callable[[int, str, dict[str, Any]], Outgoing]
 
 _SEP = "\x1f"
 
@@ -55,6 +59,7 @@ class PromptStore:
         grace_s: float = 5.0,
         max_wait_s: float = 120.0,
         clock: Callable[[], float] = time.time,
+        changelog_record: ChangelogRecord | None = None,
     ) -> None:
         self._data = data
         self._changelog = changelog
@@ -63,6 +68,7 @@ class PromptStore:
         self.grace_s = grace_s
         self.max_wait_s = max_wait_s
         self._clock = clock
+        self._changelog_record = changelog_record
         self._waiters: dict[str, list[_Waiter]] = {}
         self._due: dict[int, list[tuple[float, int, _Waiter]]] = {}  # heaps, per partition
         self._seq = itertools.count()
@@ -77,12 +83,22 @@ class PromptStore:
 
     # --- prompts -----------------------------------------------------------------------------
 
-    def put(self, key: str, text: str, partition: int, ts: float | None = None) -> None:
+    def put(
+        self, key: str, text: str, partition: int, ts: float | None = None
+    ) -> Outgoing | None:
         """Store a prompt read from `partition` (its Kafka timestamp `ts`, epoch seconds), wake
-        the responses waiting for it, and move the partition's watermark to `ts`."""
+        the responses waiting for it, and move the partition's watermark to `ts`.
+
+        With `changelog_record`, the changelog record is returned for the caller to publish
+        with the prompt's own output (the lane writes it before the prompt's offset is
+        committed, in the same transaction under exactly_once); else it goes to `changelog`."""
         value = {"text": text, "ts": self._clock(), "p": partition}
         self._data[key] = value
-        self._changelog(partition, key, value)
+        record = None
+        if self._changelog_record is not None:
+            record = self._changelog_record(partition, key, value)
+        else:
+            self._changelog(partition, key, value)
         for waiter in self._waiters.pop(key, []):
             if not waiter.future.done():
                 waiter.future.set_result(text)
@@ -90,6 +106,7 @@ class PromptStore:
             self.sweep()
         if ts is not None:
             self.advance(partition, ts)
+        return record
 
     def get(self, key: str) -> str | None:
         value = self._data.get(key)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from engine.batcher import BatcherClosed
@@ -104,19 +104,23 @@ class Processor:
             self._put(lane, Item(event, ready=ready, on_done=track.done, release=release))
             return
         self._check_partition(source, prompt.conversation_id)
+        stored: list[Outgoing] = []
         if self.settings.moderate in ("responses", "both"):
             key = prompt_key(prompt.tenant, prompt.conversation_id, prompt.id)
-            self.store.put(key, prompt.text, source.partition, _timestamp(event))
+            record = self.store.put(key, prompt.text, source.partition, _timestamp(event))
+            if record is not None:
+                stored.append(record)
         self.prompt_offsets[source.partition] = source.offset
         if self.settings.moderate == "responses":
-            self._put(lane, Item(event, ready=[], on_done=track.done, release=release))
+            self._put(lane, Item(event, ready=stored, on_done=track.done, release=release))
             return
         request = ModerationRequest(
             prompt=prompt.text, prompt_id=prompt.id, conversation_id=prompt.conversation_id
         )
         with track.current():
             future = await self.guard.submit(request)
-        self._put(lane, self._item(event, future, prompt, "prompt", source, t0, track, release))
+        item = self._item(event, future, prompt, "prompt", source, t0, track, release, stored)
+        self._put(lane, item)
 
     async def on_response(self, event: Any, ack: Ack) -> None:
         t0 = time.monotonic()
@@ -333,10 +337,14 @@ class Processor:
         t0: float,
         track: Track,
         release: Callable[[], None] | None,
+        before: Sequence[Outgoing] = (),
     ) -> Item:
+        """The lane item of a verdict to come; `before`: records published ahead of it (the
+        prompt's changelog record)."""
         def convert(value: ModerationResult | tuple[ModerationResult, bool]) -> list[Outgoing]:
             result, missing = value if isinstance(value, tuple) else (value, False)
-            return self._verdict_records(chat, kind, result, source, t0, missing, track)
+            records = self._verdict_records(chat, kind, result, source, t0, missing, track)
+            return [*before, *records] if before else records
 
         def on_failure(exc: BaseException) -> list[Outgoing]:
             if isinstance(exc, BatcherClosed):
@@ -349,7 +357,8 @@ class Processor:
             )
             error = f"{type(exc).__name__}: {exc}"
             failed = ModerationResult(Verdict(engine_error=error), False, "")
-            return self._verdict_records(chat, kind, failed, source, t0, False, track)
+            records = self._verdict_records(chat, kind, failed, source, t0, False, track)
+            return [*before, *records] if before else records
 
         return Item(
             event,

@@ -55,6 +55,8 @@ def fault_env(own_services: OwnServices, replay_dir: Path, unique: str) -> dict[
         "GUARDSTREAM_LOG_LEVEL": "INFO",
         "GUARDSTREAM_LOG_FORMAT": "text",
         "GUARDSTREAM_GRACE_PERIOD_S": "20",
+        # the cache is on, in a key space of this test's own: no verdict of another test's
+        "GUARDSTREAM_MODEL_REVISION": f"rev-{unique}",
     }
 
 

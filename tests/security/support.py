@@ -90,6 +90,9 @@ class Harness:
         self.sent: list[Outgoing] = []
         self.acked: list[Any] = []
         store = PromptStore({}, lambda p, k, v: None, ttl_s=60, max_entries=1000)
+        # No prompts consumer runs here: its partition is read to its end, as the worker's pairing
+        # clock would find it, so a response whose prompt is not stored is moderated without it.
+        store.advance(0, float("inf"))
         self.processor = Processor(cfg, self.guard, store, self._send, engine_name="fixed")
 
     async def _send(self, rec: Outgoing) -> Any:

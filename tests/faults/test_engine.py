@@ -125,7 +125,9 @@ async def test_engine_raises_and_hangs_on_chosen_inputs(
     # retries: each failing input was tried retries+1 times in its batch, then alone
     tried = {kind: sum(1 for c in calls if MARKERS[kind] in c["markers"]) for kind in MARKERS}
     assert tried["raise"] >= retries + 2 and tried["hang"] >= retries + 2, tried
-    assert tried["error"] == retries + 1, tried
+    # an error output is retried in its batch; one more call when it shared a batch with the
+    # raising or hanging input (that batch then goes input by input)
+    assert retries + 1 <= tried["error"] <= retries + 2, tried
     assert tried["flaky"] >= 3, tried
     assert "Traceback" not in log
     report(

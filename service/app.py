@@ -24,6 +24,7 @@ from service.kafka import faust_credentials
 from service.messages import Outgoing
 from service.pairing import PromptStore
 from service.pipeline import Processor
+from service.resume import ResumeGuard
 from service.telemetry import Telemetry
 from service.telemetry.faust_monitor import QuietMonitor
 from service.telemetry.lag import LagTracker
@@ -41,11 +42,26 @@ class GuardApp(faust.App):  # type: ignore[misc]  # faust is untyped for mypy he
     their prompt are handed back instead of being waited for (`Processor.give_back`)."""
 
     give_back: Callable[[], object] | None = None
+    #: Holds back the input partitions' resumption until a rebalance is over (`service.resume`).
+    resume_guard: ResumeGuard | None = None
+
+    def _new_consumer(self) -> Any:
+        consumer = super()._new_consumer()
+        if self.resume_guard is not None:
+            self.resume_guard.install(consumer)
+        return consumer
 
     def on_rebalance_start(self) -> None:
+        if self.resume_guard is not None:
+            self.resume_guard.on_rebalance_start()
         super().on_rebalance_start()
         if self.give_back is not None:
             self.give_back()
+
+    def on_rebalance_end(self) -> None:
+        super().on_rebalance_end()
+        if self.resume_guard is not None:
+            self.resume_guard.on_rebalance_end()
 
     async def on_stop(self) -> None:
         if self.give_back is not None:
@@ -102,6 +118,7 @@ class Runtime:
             "key_serializer": "raw",
             "value_serializer": "raw",
         }
+        self.app.resume_guard = ResumeGuard((settings.topic_prompts, settings.topic_responses))
         self.prompts_topic = self.app.topic(settings.topic_prompts, **raw)
         self.responses_topic = self.app.topic(settings.topic_responses, **raw)
         self._out = {

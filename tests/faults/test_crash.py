@@ -114,14 +114,6 @@ async def test_sigkill_mid_stream_then_restart(
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("guarantee", GUARANTEES)
-@pytest.mark.xfail(
-    strict=False,
-    reason="open defect (issue 15 closing note): in the default configuration (MODERATE=both, "
-    "prompts stored), the worker restarted after a graceful stop under load sometimes commits an "
-    "input partition's offset past a run of events it never published (seen in 3 of 7 runs: "
-    "37-471 of 3,000; both guarantees); a restart after SIGKILL and the group tests are not "
-    "affected",
-)
 async def test_sigterm_mid_stream_graceful_then_restart(
     guarantee: str,
     fault_env: dict[str, str],

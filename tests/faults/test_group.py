@@ -212,12 +212,6 @@ async def test_scale_out_then_failover_mid_stream_pairs_every_response(
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.xfail(
-    strict=False,
-    reason="open defect (issue 15 closing note): a worker taking over a backlog sometimes commits "
-    "past a run of events it never published (1 of 4 runs here: 89 of 2,794 lost); unpaired was "
-    "0 in every run",
-)
 async def test_a_backlog_caught_up_by_one_then_three_workers_pairs_every_response(
     group_env: dict[str, str],
     workers: Callable[[dict[str, str], str], Worker],

@@ -19,7 +19,7 @@ from schemas.verdict import Verdict
 CacheState = Literal["closed", "open", "half_open"]
 
 #: Version of the key derivation below; bump it to orphan every existing entry.
-KEY_VERSION = "v1"
+KEY_VERSION = "v2"
 
 
 def _frame(part: str | None) -> bytes:
@@ -31,16 +31,25 @@ def _frame(part: str | None) -> bytes:
 
 
 def cache_key(
-    model_id: str, revision: str, template_version: str, prompt: str, response: str | None
+    model_id: str,
+    revision: str,
+    template_version: str,
+    prompt: str,
+    response: str | None,
+    *,
+    variant: str = "",
 ) -> str:
-    """The cache key of one moderation request: `gs:v1:<sha256 hex>`.
+    """The cache key of one moderation request: `gs:v2:<sha256 hex>`.
 
-    The digest covers the model id, its revision, the prompt template's version and both texts,
-    each length-prefixed, so no two different tuples share an input (("ab", "c") and ("a", "bc")
-    differ, as do a missing response and an empty one), and a verdict of one model revision or
-    template is never served for another.
+    The digest covers the model id, its revision, the prompt template's version, both texts and
+    `variant` (everything else that changes the output or its reading: the parser's version,
+    the token cap, the text limit, early exit; `engine.guard.Guard.variant`), each
+    length-prefixed, so no two different tuples share an input (("ab", "c") and ("a", "bc")
+    differ, as do a missing response and an empty one), and a verdict of one model revision,
+    template or setting is never served for another.
     """
-    material = b"".join(_frame(p) for p in (model_id, revision, template_version, prompt, response))
+    parts = (model_id, revision, template_version, prompt, response, variant)
+    material = b"".join(_frame(p) for p in parts)
     return f"gs:{KEY_VERSION}:{hashlib.sha256(material).hexdigest()}"
 
 

@@ -5,8 +5,11 @@ batch of model inputs -> the generated texts), so any engine plugs in: a backend
 `backend_generate`, or the full guard. It parses each output with the chosen rule and scores the
 benchmark's label with `score`, the one place F1 is computed.
 
-Rules: ``project`` is `engine.parser.parse`; ``reference`` is the paper's
-`engine.parser.reference_labels` (last 300 characters).
+Rules: ``project`` is `engine.parser.parse`, given the user's texts of the model input (so
+that quoted answers are read as the service reads them); ``reference`` is the paper's
+`engine.parser.reference_labels` (last 300 characters). With the ``project`` rule each result
+also counts its verdicts by trust state (`Verdict.trust`) and gives the F1 the other conflict rule
+(`engine.parser.ConflictRule`) would have had, so that the rule in use is a measured choice.
 
 Scoring of an output whose label could not be read:
 
@@ -26,19 +29,24 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from engine.backends.base import Backend
-from engine.parser import TASK_LABELS, parse, reference_labels
+from engine.backends.base import Backend, Generation
+from engine.parser import CONFLICT_RULE, TASK_LABELS, ConflictRule, parse, reference_labels
 from engine.prompt import split_model_input
-from schemas.verdict import Task
+from schemas.verdict import Task, Verdict
 
 Rule = Literal["project", "reference"]
 Scoring = Literal["honest", "paper"]
-GenerateFn = Callable[[list[str]], Awaitable[list[str]]]
+#: A batch of model inputs -> their outputs: texts, or `Generation`s (which also say whether
+#: an output was cut at the token cap, or failed).
+GenerateFn = Callable[[list[str]], Awaitable[Sequence[str | Generation]]]
+#: The conflict rule other than the one in use: its F1 is reported beside.
+OTHER_CONFLICT_RULE: ConflictRule = "final" if CONFLICT_RULE == "harmful" else "harmful"
 
 #: The paper's three tables, in its order.
 TABLES = ("prompt harmfulness", "response harmfulness", "refusal detection")
@@ -108,16 +116,30 @@ class Score:
 class BenchmarkResult:
     benchmark: Benchmark
     score: Score
+    #: Verdicts per trust state (`project` rule only).
+    trust: dict[str, int] = field(default_factory=dict)
+    #: F1 had conflicts been resolved by `OTHER_CONFLICT_RULE` (`project` rule only).
+    f1_other_rule: float | None = None
+
+    @property
+    def untrusted(self) -> int:
+        return sum(n for state, n in self.trust.items() if state not in ("final", "recovered"))
 
     def row(self) -> dict[str, object]:
-        """The JSON row: benchmark, task (table), f1 (percent), samples, unparsed."""
-        return {
+        """The JSON row: benchmark, task (table), f1 (percent), samples, unparsed; for the
+        project rule also the conflict rule, the trust states and the other rule's F1."""
+        row: dict[str, object] = {
             "benchmark": self.benchmark.name,
             "task": self.benchmark.table,
             "f1": self.score.f1,
             "samples": self.score.samples,
             "unparsed": self.score.unparsed,
         }
+        if self.trust:
+            row["conflict_rule"] = CONFLICT_RULE
+            row["trust"] = dict(self.trust)
+            row[f"f1_if_{OTHER_CONFLICT_RULE}"] = self.f1_other_rule
+        return row
 
 
 def gold_label(raw: str, task: Task) -> str | None:
@@ -164,16 +186,35 @@ def load_benchmark_samples(path: Path, benchmark: Benchmark) -> list[Sample]:
     return samples
 
 
-def predicted_label(generated: str, sample: Sample, task: Task, rule: Rule) -> str | None:
-    """The label of `task` read from one output by `rule`."""
-    if rule == "reference":
-        return reference_labels(generated)[task]
-    verdict = parse(generated, has_response=sample.has_response)
+def project_verdict(
+    generated: str | Generation, sample: Sample, conflicts: ConflictRule | None = None
+) -> Verdict:
+    """The verdict the service gives for one output of `sample`'s model input."""
+    gen = generated if isinstance(generated, Generation) else Generation(generated)
+    if gen.finish_reason == "error":
+        return Verdict(engine_error=gen.error or "engine error")
+    try:
+        quoted: tuple[str | None, ...] = split_model_input(sample.model_input)
+    except ValueError:  # not GuardReasoner's format (a stand-in engine's input): nothing quoted
+        quoted = ()
+    verdict = parse(gen.text, has_response=sample.has_response, quoted=quoted, conflicts=conflicts)
+    if gen.finish_reason == "length":
+        verdict = verdict.model_copy(update={"truncated": True})
+    return verdict
+
+
+def _label(verdict: Verdict, task: Task) -> str | None:
     if task == "request":
         return verdict.request
     if task == "completion":
         return verdict.completion
     return verdict.response
+
+
+def _text(generated: str | Generation) -> str:
+    if isinstance(generated, Generation):
+        return generated.text if generated.finish_reason != "error" else ""
+    return generated
 
 
 def score(
@@ -211,20 +252,34 @@ async def evaluate(
     on_progress: Callable[[int], None] | None = None,
 ) -> BenchmarkResult:
     """Generate for every sample (in batches), read the task's label by `rule` and score it."""
+    task = benchmark.task
     predicted: list[str | None] = []
+    other: list[str | None] = []
+    trust: Counter[str] = Counter()
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
-        texts = await generate([s.model_input for s in batch])
-        if len(texts) != len(batch):
-            raise ValueError(f"generate returned {len(texts)} texts for {len(batch)} inputs")
-        predicted += [
-            predicted_label(t, s, benchmark.task, rule) for t, s in zip(texts, batch, strict=True)
-        ]
+        outputs = await generate([s.model_input for s in batch])
+        if len(outputs) != len(batch):
+            raise ValueError(f"generate returned {len(outputs)} texts for {len(batch)} inputs")
+        for out, sample in zip(outputs, batch, strict=True):
+            if rule == "reference":
+                predicted.append(reference_labels(_text(out))[task])
+                continue
+            verdict = project_verdict(out, sample)
+            trust[verdict.trust] += 1
+            predicted.append(_label(verdict, task))
+            if verdict.found == "conflicting":
+                verdict = project_verdict(out, sample, OTHER_CONFLICT_RULE)
+            other.append(_label(verdict, task))
         if on_progress is not None:
             on_progress(len(batch))
     chosen: Scoring = scoring or ("paper" if rule == "reference" else "honest")
     gold = [s.gold for s in samples]
-    return BenchmarkResult(benchmark, score(gold, predicted, benchmark.task, chosen))
+    result = score(gold, predicted, task, chosen)
+    if rule == "reference":
+        return BenchmarkResult(benchmark, result)
+    f1_other = score(gold, other, task, chosen).f1
+    return BenchmarkResult(benchmark, result, dict(sorted(trust.items())), f1_other)
 
 
 def weighted_average(results: Sequence[BenchmarkResult]) -> float | None:
@@ -236,10 +291,10 @@ def weighted_average(results: Sequence[BenchmarkResult]) -> float | None:
 
 
 def backend_generate(backend: Backend, max_new_tokens: int) -> GenerateFn:
-    """`generate` over a backend: an input that failed gives an empty text (read as unparsed)."""
+    """`generate` over a backend: its `Generation`s (an input that failed is unparsed, and counts
+    as `engine_error`; one cut at `max_new_tokens` as `truncated`)."""
 
-    async def generate(inputs: list[str]) -> list[str]:
-        generations = await backend.generate(inputs, max_new_tokens)
-        return [g.text if g.finish_reason != "error" else "" for g in generations]
+    async def generate(inputs: list[str]) -> list[Generation]:
+        return await backend.generate(inputs, max_new_tokens)
 
     return generate

@@ -9,10 +9,11 @@ trip for the keys of `LOOKUP_WAIT_MS`): a hit is answered there and never takes 
 model batch or one of the `max_in_flight` model slots, which only misses fill. A miss whose key
 is already being generated joins that generation instead of starting another. The model batches
 deduplicate identical requests (by cache key) and go to the backend with a timeout and bounded
-retries; their verdicts are stored in the cache. An engine failure never raises out of the guard:
-the request gets a verdict with `engine_error` set and no labels, and the caller applies its
-failure policy. A batch that keeps failing is split so that one poison input cannot take its
-neighbours down with it.
+retries; their trusted verdicts are stored in the cache (an untrusted one, `Verdict.trusted`, is
+generated again next time rather than served for the cache's TTL). An engine failure never
+raises out of the guard: the request gets a verdict with `engine_error` set and no labels, and
+the caller applies its failure policy. A batch that keeps failing is split so that one poison
+input cannot take its neighbours down with it.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from opentelemetry.trace import Tracer
 from engine.backends.base import Backend, Generation
 from engine.batcher import BatcherClosed, MicroBatcher
 from engine.cache import VerdictCache, cache_key
-from engine.parser import parse
-from engine.prompt import TEMPLATE_VERSION, build_model_input
+from engine.parser import CONFLICT_RULE, PARSER_VERSION, parse
+from engine.prompt import TEMPLATE_VERSION, build_model_input, user_texts
 from engine.tracing import BatchTrace, BatchTracer, Parent, current_parent
 from schemas.verdict import ModerationRequest, Verdict
 
@@ -156,6 +157,11 @@ class Guard:
         # Requests between `submit` and their result. Hits leave within a round trip, so this
         # bounds the misses waiting for the model: enough to fill every model slot twice over.
         self._admission = asyncio.Semaphore(2 * max_batch_size * (max_in_flight + 1))
+        #: Everything besides the model and the texts that changes a verdict: part of its key.
+        self.variant = (
+            f"parser={PARSER_VERSION};conflicts={CONFLICT_RULE};max_new_tokens={max_new_tokens};"
+            f"max_text_chars={max_text_chars}"
+        )
         self._generating: dict[str, asyncio.Future[ModerationResult]] = {}
         self._forwarding: set[asyncio.Task[None]] = set()
 
@@ -194,6 +200,7 @@ class Guard:
             TEMPLATE_VERSION,
             request.prompt,
             request.response,
+            variant=self.variant,
         )
 
     async def submit(self, request: ModerationRequest) -> asyncio.Future[ModerationResult]:
@@ -307,10 +314,11 @@ class Guard:
         waits = [(started - p.enqueued) * 1000 for p in items]
         self.stats.batches += 1
         # Every item is a miss: with a cache, hits were answered by the lookup stage.
-        inputs = [
-            build_model_input(p.request.prompt, p.request.response, max_chars=self.max_text_chars)
+        texts = [
+            user_texts(p.request.prompt, p.request.response, max_chars=self.max_text_chars)
             for p in items
         ]
+        inputs = [build_model_input(prompt, response) for prompt, response in texts]
         t0 = time.monotonic()
         generations = await self._generate(inputs)
         generate_ms = (time.monotonic() - t0) * 1000
@@ -318,9 +326,9 @@ class Guard:
             bt.generate(t0, t0 + generate_ms / 1000, [g.tokens for g in generations])
         results: list[ModerationResult] = []
         to_store: list[tuple[str, Verdict]] = []
-        for p, wait_ms, gen in zip(items, waits, generations, strict=True):
-            verdict = self._verdict(gen, has_response=p.request.response is not None)
-            if verdict.engine_error is None:
+        for p, wait_ms, gen, quoted in zip(items, waits, generations, texts, strict=True):
+            verdict = self._verdict(gen, p.request.response is not None, quoted)
+            if verdict.trusted:  # an untrusted verdict is never served again: it is redone
                 to_store.append((p.key, verdict))
             results.append(
                 ModerationResult(
@@ -336,13 +344,15 @@ class Guard:
             self._on_batch(len(items), waits, generate_ms)
         return results
 
-    def _verdict(self, gen: Generation, *, has_response: bool) -> Verdict:
+    def _verdict(
+        self, gen: Generation, has_response: bool, quoted: tuple[str, str | None]
+    ) -> Verdict:
         if gen.finish_reason == "error":
             self.stats.engine_errors += 1
             return Verdict(engine_error=gen.error or "engine error", raw=gen.text)
         self.stats.generated += 1
         self.stats.tokens += gen.tokens or 0
-        verdict = parse(gen.text, has_response=has_response)
+        verdict = parse(gen.text, has_response=has_response, quoted=quoted)
         if gen.finish_reason == "length":
             verdict = verdict.model_copy(update={"truncated": True})
         return verdict

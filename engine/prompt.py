@@ -17,6 +17,8 @@ given: a prompt or response longer than that keeps its beginning and its end aro
 
 from __future__ import annotations
 
+import hashlib
+
 INSTRUCTION = (
     "You are a classifier for analyzing interactions between humans and AI. \n"
     "\n"
@@ -29,9 +31,6 @@ INSTRUCTION = (
     "You must think step by step. Keep consistency between the reasoning and the Answers.\n"
 )
 
-#: Revision of the prompt template; part of every cache key. Change it when the text changes.
-TEMPLATE_VERSION = "gr-v1"
-
 #: What stands for a missing response in the model input.
 NO_RESPONSE = "None"
 
@@ -42,13 +41,27 @@ _HEAD = INSTRUCTION + "\nHuman user:\n"
 _MIDDLE = "\n\nAI assistant:\n"
 _TAIL = "\n\n"
 
+#: The prompt template's version, part of every cache key: a digest of its text, so that any
+#: change to it orphans the verdicts cached under the old one (no constant to remember to bump).
+TEMPLATE_VERSION = "gr-" + hashlib.sha256(
+    "\0".join((_HEAD, _MIDDLE, _TAIL, NO_RESPONSE)).encode()
+).hexdigest()[:12]
+
 
 def build_model_input(prompt: str, response: str | None, *, max_chars: int | None = None) -> str:
     """The complete model input for one request (see the module docstring)."""
+    prompt, response = user_texts(prompt, response, max_chars=max_chars)
+    return f"{_HEAD}{prompt}{_MIDDLE}{response or NO_RESPONSE}{_TAIL}"
+
+
+def user_texts(
+    prompt: str, response: str | None, *, max_chars: int | None = None
+) -> tuple[str, str | None]:
+    """The user's prompt and response as they stand in the model input (cut to `max_chars`)."""
     if max_chars is not None:
         prompt = truncate_middle(prompt, max_chars)
         response = truncate_middle(response, max_chars) if response else response
-    return f"{_HEAD}{prompt}{_MIDDLE}{response or NO_RESPONSE}{_TAIL}"
+    return prompt, response
 
 
 def truncate_middle(text: str, max_chars: int) -> str:

@@ -237,3 +237,24 @@ def manifest_mismatches(
                 f"({manifest.checkpoint_checksum[:19]}... -> {current[:19]}...)"
             )
     return problems
+
+
+#: Bytes read from each end of every engine file for `engine_revision`.
+_ENGINE_SAMPLE_BYTES = 1 << 20
+
+
+def engine_revision(engine_dir: Path) -> str:
+    """The revision of a built engine, for cache keys and verdict events: `trt:sha256:` and 12 hex
+    digits of a digest of its manifest and, for each file of the folder, its name, size and first
+    and last MiB. A rebuilt engine (another checkpoint, tensorrt_llm version, build setting or
+    build) gets another revision, so its verdicts are never read from an old engine's cache."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in engine_dir.iterdir() if p.is_file()):
+        size = path.stat().st_size
+        digest.update(f"\n{path.name}\0{size}\0".encode())
+        with path.open("rb") as fh:
+            digest.update(fh.read(_ENGINE_SAMPLE_BYTES))
+            if size > _ENGINE_SAMPLE_BYTES:
+                fh.seek(max(_ENGINE_SAMPLE_BYTES, size - _ENGINE_SAMPLE_BYTES))
+                digest.update(fh.read(_ENGINE_SAMPLE_BYTES))
+    return "trt:sha256:" + digest.hexdigest()[:12]

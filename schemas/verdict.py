@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 HarmLabel = Literal["harmful", "unharmful"]
 CompletionLabel = Literal["refusal", "compliance"]
 Task = Literal["request", "completion", "response"]
-#: How the labels were found: the model's final `Answers:` block (`final`), per-task answers or
-#: conclusions when the final block was missing or said `None` (`recovered`), or not at all.
-LabelSource = Literal["final", "recovered", "unparsed"]
+#: How the labels were found: the model's final `Answers:` block (`final`); per-task answers or
+#: conclusions where the final block was missing or said `None` (`recovered`); a label the
+#: request needs is missing (`incomplete`); the model's statements disagree (`conflicting`,
+#: resolved by `engine.parser.CONFLICT_RULE`); no label at all (`unparsed`).
+LabelSource = Literal["final", "recovered", "incomplete", "conflicting", "unparsed"]
+#: How far a verdict can be trusted: its `found`, or `truncated` (cut at `max_new_tokens`), or
+#: `engine_error` (no output). Only `final` and `recovered` are trusted.
+TrustState = Literal[
+    "final", "recovered", "incomplete", "conflicting", "unparsed", "truncated", "engine_error"
+]
+TRUSTED_STATES: frozenset[str] = frozenset({"final", "recovered"})
 
 
 class ModerationRequest(BaseModel):
@@ -58,6 +66,36 @@ class Verdict(BaseModel):
         description="Set when no model output exists (engine failure after retries); the "
         "labels are then empty and `flagged` follows the failure policy.",
     )
+    quoted: int = Field(
+        0,
+        description="Answer blocks, conclusions and reasoning steps of the output that repeat "
+        "the user's own text: read as quotes, not as the model's answer.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _computed_fields_in(cls, data: Any) -> Any:
+        # A serialized verdict carries `trust` and `trusted` (computed): read it back as is.
+        if isinstance(data, dict) and ("trust" in data or "trusted" in data):
+            data = {k: v for k, v in data.items() if k not in ("trust", "trusted")}
+        return data
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def trust(self) -> TrustState:
+        """`engine_error`, else `truncated`, else how the labels were found."""
+        if self.engine_error is not None:
+            return "engine_error"
+        if self.truncated:
+            return "truncated"
+        return self.found
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def trusted(self) -> bool:
+        """Every label the request needs was read, from the model's own consistent answer, in
+        a complete output. `fail_closed` flags every verdict that is not."""
+        return self.trust in TRUSTED_STATES
 
     @property
     def harmful(self) -> bool:

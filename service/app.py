@@ -167,6 +167,7 @@ class Runtime:
         self.processor.held_prompt_partitions = self._held_prompt_partitions
         self.acks = AckGuard()
         self.processor.take = self.acks.take
+        self.processor.current = self._current
         self.health = Health(self.app, guard, settings, self.started, self.processor)
         lag = LagTracker(self.app, (settings.topic_prompts, settings.topic_responses))
         self.telemetry.metrics.watch_guard(guard)
@@ -254,6 +255,15 @@ class Runtime:
             await self.guard.close(drain=done, timeout=grace * 0.1)
             log.info("shutdown: in-flight verdicts %s", "published" if done else "abandoned")
             self.telemetry.shutdown()
+
+    def _current(self, message: Any) -> bool:
+        """The message is of the current assignment: fetched in the consumer's generation, and
+        no rebalance is under way (the test Faust's stream applies to what it hands out)."""
+        app = self.app
+        generation = getattr(message, "generation_id", None)
+        return not app.rebalancing and (
+            generation is None or generation == app.consumer_generation_id
+        )
 
     def _held_prompt_partitions(self) -> frozenset[int]:
         try:

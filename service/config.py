@@ -130,6 +130,12 @@ class Settings(BaseSettings):
             raise ValueError("replay_path: required when engine is 'replay'")
         if self.engine == "openai_http" and not self.openai_base_url:
             raise ValueError("openai_base_url: required when engine is 'openai_http'")
+        if self.engine == "openai_http" and not self.model_revision:
+            raise ValueError(
+                "model_revision: required when engine is 'openai_http' (the checkpoint's commit "
+                "or digest on the server: it keys the verdict cache, so that a new checkpoint "
+                "never reads the old one's verdicts)"
+            )
         if self.engine == "hf" and self.hf_model_path is None:
             raise ValueError("hf_model_path: required when engine is 'hf'")
         if self.engine == "trtllm" and not (self.trtllm_engine_dir or self.trtllm_checkpoint_dir):

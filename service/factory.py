@@ -35,11 +35,12 @@ def build_backend(settings: Settings) -> Backend:
         from engine.backends.openai_http import OpenAIHttpBackend
 
         assert settings.openai_base_url is not None
+        assert revision, "Settings require model_revision with openai_http"
         key = settings.openai_api_key
         return OpenAIHttpBackend(
             settings.openai_base_url,
             settings.model,
-            revision or "server",
+            revision,
             api_key=key.get_secret_value() if key else None,
             max_concurrency=settings.openai_max_concurrency,
             timeout_s=settings.engine_timeout_s,
@@ -49,7 +50,7 @@ def build_backend(settings: Settings) -> Backend:
 
     return TrtllmBackend(
         settings.model,
-        revision or "engine",
+        revision,  # None: derived from the engine (or checkpoint) it loads, at start
         engine_dir=settings.trtllm_engine_dir,
         checkpoint_dir=settings.trtllm_checkpoint_dir,
         runtime=settings.trtllm_runtime,

@@ -31,11 +31,12 @@ class Outgoing:
 
 
 def is_flagged(verdict: Verdict, policy: str) -> bool:
-    """Harmful request or response; or, with fail_closed, no trustworthy labels at all."""
+    """Harmful request or response; or, with fail_closed, a verdict that is not trusted
+    (`Verdict.trusted`: incomplete, conflicting, unparsed, truncated, or no output at all).
+    Under fail_open an untrusted verdict goes out unflagged, its `trust` saying why."""
     if verdict.harmful:
         return True
-    untrusted = verdict.engine_error is not None or verdict.found == "unparsed"
-    return untrusted and policy == "fail_closed"
+    return policy == "fail_closed" and not verdict.trusted
 
 
 def verdict_event(

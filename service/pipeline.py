@@ -19,7 +19,7 @@ from schemas.events import EventKind, PromptEvent, ResponseEvent, SourceRef
 from schemas.verdict import ModerationRequest, Verdict
 from service.config import Settings
 from service.copartition import PartitionCheck
-from service.lanes import Ack, Item, Lane, Send, Transact
+from service.lanes import Ack, Item, Lane, LaneStopped, Send, Transact
 from service.messages import (
     Outgoing,
     dead_letter,
@@ -35,6 +35,10 @@ log = logging.getLogger("guardstream.pipeline")
 
 def _ignore(message: Any) -> None:
     return None
+
+
+def _always(message: Any) -> bool:
+    return True
 
 
 def _timestamp(event: Any) -> float:
@@ -85,6 +89,9 @@ class Processor:
         self.held_prompt_partitions: Callable[[], frozenset[int]] = frozenset
         #: Called with each message the processor takes (`service.acks.AckGuard.take`).
         self.take: Callable[[Any], None] = _ignore
+        #: Whether a message is of the consumer's current assignment (the app: same generation,
+        #: no rebalance under way). One that is not is handed back instead of being published.
+        self.current: Callable[[Any], bool] = _always
         self._room = {
             topic: asyncio.Semaphore(settings.max_pending)
             for topic in (settings.topic_prompts, settings.topic_responses)
@@ -95,7 +102,10 @@ class Processor:
     async def on_prompt(self, event: Any, ack: Ack) -> None:
         t0 = time.monotonic()
         track = self._telemetry.begin(event)
-        lane, source, release = await self._enter(event, ack)
+        entered = await self._enter(event, ack)
+        if entered is None:
+            return
+        lane, source, release = entered
         try:
             with track.parse():
                 prompt = decode_event(event.value, PromptEvent, self._limits)
@@ -125,7 +135,10 @@ class Processor:
     async def on_response(self, event: Any, ack: Ack) -> None:
         t0 = time.monotonic()
         track = self._telemetry.begin(event)
-        lane, source, release = await self._enter(event, ack)
+        entered = await self._enter(event, ack)
+        if entered is None:
+            return
+        lane, source, release = entered
         try:
             with track.parse():
                 response = decode_event(event.value, ResponseEvent, self._limits)
@@ -198,7 +211,20 @@ class Processor:
         return given_up
 
     def _put(self, lane: Lane, item: Item) -> None:
-        if not lane.put(item):  # sealed by a hand-back: this one goes back too
+        """Queue `item` in its lane, unless a rebalance began since the agent took its event
+        (the agent may have waited for the model's room meanwhile): such an event is of an
+        assignment that is over (its partition may be another worker's now, or re-read from its
+        committed offset here) and goes back, unpublished and uncommitted."""
+        message = item.event.message
+        live = self._lanes.get((message.topic, message.partition)) is lane
+        if not (live and self.current(message)):
+            self._hand_back(item)
+            return
+        try:
+            queued = lane.put(item)
+        except LaneStopped:  # closing at shutdown
+            queued = False
+        if not queued:  # sealed by a hand-back: this one goes back too
             self._hand_back(item)
 
     @staticmethod
@@ -254,14 +280,19 @@ class Processor:
 
     async def _enter(
         self, event: Any, ack: Ack
-    ) -> tuple[Lane, SourceRef, Callable[[], None] | None]:
-        """Wait for a place in the event's topic's bound; its lane, source and place's release."""
+    ) -> tuple[Lane, SourceRef, Callable[[], None] | None] | None:
+        """Wait for a place in the event's topic's bound; its lane, source and place's release;
+        None when a rebalance came meanwhile (the event was handed back)."""
         self.take(event.message)
         room = self._room.get(event.message.topic)
         if room is not None:
             await room.acquire()
+        release = room.release if room is not None else None
+        if not self.current(event.message):
+            self._hand_back(Item(event, release=release))
+            return None
         lane, source = self._lane(event, ack)
-        return lane, source, room.release if room is not None else None
+        return lane, source, release
 
     def _check_partition(self, source: SourceRef, conversation_id: str) -> bool:
         check = self.partition_check

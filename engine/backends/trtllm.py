@@ -39,6 +39,7 @@ from engine.trtllm_manifest import (
     detect_gpu_name,
     engine_path_removed_message,
     engine_path_supported,
+    engine_revision,
     import_tensorrt_llm,
     installed_version,
     manifest_mismatches,
@@ -102,7 +103,7 @@ class TrtllmBackend(Backend):
     def __init__(
         self,
         model_id: str,
-        revision: str,
+        revision: str | None,
         *,
         engine_dir: Path | None = None,
         checkpoint_dir: Path | None = None,
@@ -115,7 +116,9 @@ class TrtllmBackend(Backend):
         tensor_parallel_size: int = 1,
         batch_timeout_s: float = 600.0,
     ) -> None:
-        super().__init__(model_id, revision)
+        # No revision given: derived at start from what is loaded (`_derive_revision`).
+        super().__init__(model_id, revision or "pending")
+        self._revision_given = revision is not None
         if runtime == "engine":
             if engine_dir is None:
                 raise ValueError("engine_dir: required for runtime 'engine'")
@@ -151,6 +154,20 @@ class TrtllmBackend(Backend):
             return
         # Importing, checking the GPU, building and loading all block for long: off the loop.
         self._trtllm, self._llm = await asyncio.to_thread(self._load)
+        if not self._revision_given:
+            self.revision = await asyncio.to_thread(self._derive_revision)
+            log.info("model revision %s (derived from the %s)", self.revision, self.runtime)
+
+    def _derive_revision(self) -> str:
+        """The engine's revision (its manifest and files), or the checkpoint's digest for the
+        PyTorch runtime: what keys the verdict cache when no revision is configured."""
+        if self.runtime == "engine":
+            assert self.engine_dir is not None
+            return engine_revision(self.engine_dir)
+        from engine.backends.hf import checkpoint_revision  # no torch import: a digest only
+
+        assert self.checkpoint_dir is not None
+        return checkpoint_revision(self.checkpoint_dir)
 
     async def close(self) -> None:
         llm, self._llm = self._llm, None

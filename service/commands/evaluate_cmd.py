@@ -21,6 +21,7 @@ from tqdm import tqdm
 from engine.backends.replay import ReplayBackend
 from engine.evaluation import (
     BENCHMARKS,
+    OTHER_CONFLICT_RULE,
     TABLES,
     Benchmark,
     BenchmarkResult,
@@ -34,6 +35,7 @@ from engine.evaluation import (
     load_prediction_samples,
     weighted_average,
 )
+from engine.parser import CONFLICT_RULE
 
 ENGINES = ("replay",)
 
@@ -128,18 +130,53 @@ def _advance(bar: tqdm[object]) -> Callable[[int], None]:
 
 
 def format_tables(results: list[BenchmarkResult], title: str) -> str:
-    """The paper's three tables: F1 per benchmark and the weighted average."""
+    """The paper's three tables: F1 per benchmark and the weighted average; for the project
+    rule also the verdicts that are not trusted, the conflicting ones, and the F1 the other
+    conflict rule gives (`engine.evaluation.OTHER_CONFLICT_RULE`)."""
+    project = any(r.trust for r in results)
     lines = [title]
+    if project:
+        lines.append(
+            f"conflicts resolved by the {CONFLICT_RULE!r} rule; F1 if {OTHER_CONFLICT_RULE!r} "
+            "alongside; untrusted: incomplete, conflicting, unparsed, truncated or failed "
+            "(flagged under fail_closed)"
+        )
+    head = f"{'benchmark':<24}{'samples':>9}{'unparsed':>10}"
+    if project:
+        head += f"{'untrusted':>11}{'conflicting':>13}"
+    head += f"{'F1':>9}"
+    if project:
+        head += f"{'F1 ' + OTHER_CONFLICT_RULE:>10}"
     for table in TABLES:
         rows = [r for r in results if r.benchmark.table == table]
         if not rows:
             continue
-        lines += ["", table, f"{'benchmark':<24}{'samples':>9}{'unparsed':>10}{'F1':>9}"]
+        lines += ["", table, head]
         for r in rows:
             s = r.score
-            lines.append(f"{r.benchmark.name:<24}{s.samples:>9}{s.unparsed:>10}{s.f1:>9.2f}")
+            line = f"{r.benchmark.name:<24}{s.samples:>9}{s.unparsed:>10}"
+            if project:
+                line += f"{r.untrusted:>11}{r.trust.get('conflicting', 0):>13}"
+            line += f"{s.f1:>9.2f}"
+            if project and r.f1_other_rule is not None:
+                line += f"{r.f1_other_rule:>10.2f}"
+            lines.append(line)
         average = weighted_average(rows)
         total = sum(r.score.samples for r in rows)
         if average is not None:
-            lines.append(f"{'weighted average':<24}{total:>9}{'':>10}{average:>9.2f}")
+            pad = 24 if project else 0
+            line = f"{'weighted average':<24}{total:>9}{'':>10}{'':>{pad}}{average:>9.2f}"
+            if project:
+                other = [r for r in rows if r.f1_other_rule is not None]
+                n = sum(r.score.samples for r in other)
+                if n:
+                    avg = sum((r.f1_other_rule or 0.0) * r.score.samples for r in other) / n
+                    line += f"{avg:>10.2f}"
+            lines.append(line)
+    if project:
+        states: dict[str, int] = {}
+        for r in results:
+            for state, n in r.trust.items():
+                states[state] = states.get(state, 0) + n
+        lines += ["", "trust states: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items()))]
     return "\n".join(lines)

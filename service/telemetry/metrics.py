@@ -129,9 +129,11 @@ class Metrics:
         )
         counter(
             "guardstream_verdicts",
-            [_observe(self.verdicts, ["kind", "found"])],
+            [_observe(self.verdicts, ["kind", "trust"])],
             unit="{verdict}",
-            description="Verdicts published (broker-acknowledged), per kind and label source.",
+            description="Verdicts published (broker-acknowledged), per kind and trust state "
+            "(final, recovered: trusted; incomplete, conflicting, unparsed, truncated, "
+            "engine_error: flagged under fail_closed).",
         )
         counter(
             "guardstream_verdict_labels",

@@ -91,6 +91,7 @@ class Track:
                     "guardstream.flagged": ve.flagged,
                     "guardstream.cached": ve.cached,
                     "guardstream.verdict.found": v.found,
+                    "guardstream.verdict.trust": v.trust,
                     **labels,
                 }
             )
@@ -132,7 +133,7 @@ class Track:
         ve = self._verdict
         if ve is not None:
             v = ve.verdict
-            metrics.verdicts[(ve.kind, "error" if v.engine_error else v.found)] += 1
+            metrics.verdicts[(ve.kind, v.trust)] += 1
             for task in _TASKS[ve.kind]:
                 metrics.labels[(ve.kind, task, getattr(v, task) or "none")] += 1
             if ve.flagged:

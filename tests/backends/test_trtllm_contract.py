@@ -90,6 +90,30 @@ async def test_pytorch_runtime_loads_the_checkpoint_without_engine_arguments(
     assert not llm.on_main_thread
 
 
+async def test_without_a_configured_revision_it_is_the_engines_and_follows_a_rebuild(
+    trtllm: Recorder, checkpoint: Path, tmp_path: Path
+) -> None:
+    """The revision keys the verdict cache: an engine rebuilt (here: its files change, as a new
+    build's do) must get another one, so that it never reads the old engine's verdicts; a
+    configured revision is kept as given; the PyTorch runtime takes the checkpoint's digest."""
+    out = tmp_path / "engine"
+    build_ok(checkpoint, out)
+    first = TrtllmBackend(MODEL, None, engine_dir=out, checkpoint_dir=checkpoint)
+    await first.start()
+    assert first.revision.startswith("trt:sha256:")
+    engine_file = next(p for p in sorted(out.iterdir()) if p.name != MANIFEST_NAME)
+    engine_file.write_bytes(engine_file.read_bytes() + b"rebuilt")
+    second = TrtllmBackend(MODEL, None, engine_dir=out, checkpoint_dir=checkpoint)
+    await second.start()
+    assert second.revision.startswith("trt:sha256:") and second.revision != first.revision
+    given = engine_backend(out, checkpoint_dir=checkpoint)
+    await given.start()
+    assert given.revision == "r1"
+    torch_path = TrtllmBackend(MODEL, None, checkpoint_dir=checkpoint, runtime="pytorch")
+    await torch_path.start()
+    assert torch_path.revision.startswith("sha256:")
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

@@ -311,8 +311,27 @@ def test_split_topology_workers_on_cpu_call_the_server(render: Any) -> None:
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "server"
 
 
+def test_a_model_server_needs_the_models_revision(render: Any) -> None:
+    """Workers that call a server cannot digest its checkpoint: the revision keys their verdict
+    cache, so without it a new checkpoint would read the old one's verdicts."""
+    for sets in (
+        ["topology=split", "model.revision="],
+        ["engine.name=openai_http", "engine.openai.baseUrl=http://llm.example:8000/v1"],
+    ):
+        r: Render = render(sets=sets)
+        assert r.returncode != 0, sets
+        assert "model.revision is required" in r.stderr
+    ok: Render = render(CI["split"])
+    c = _container(ok.one("Deployment", WORKER), "worker")
+    assert _env_value(c, "GUARDSTREAM_MODEL_REVISION") == "3b4c8f0e2a"
+
+
 def test_served_model_name_is_model_id_for_an_external_server_unless_set(render: Any) -> None:
-    external = ["engine.name=openai_http", "engine.openai.baseUrl=http://llm.example:8000/v1"]
+    external = [
+        "engine.name=openai_http",
+        "engine.openai.baseUrl=http://llm.example:8000/v1",
+        "model.revision=abc123",
+    ]
     c = _container(render(sets=external).one("Deployment", WORKER), "worker")
     assert _env_value(c, "GUARDSTREAM_OPENAI_BASE_URL") == "http://llm.example:8000/v1"
     assert "GUARDSTREAM_OPENAI_SERVED_MODEL" not in {e["name"] for e in c["env"]}  # = model.id

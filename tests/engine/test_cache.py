@@ -131,8 +131,8 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
 def test_cache_key_shape_and_determinism() -> None:
     key = cache_key("m", "rev", "t1", "hello", None)
     assert key == cache_key("m", "rev", "t1", "hello", None)
-    assert key.startswith("gs:v1:") and len(key) == len("gs:v1:") + 64
-    int(key.removeprefix("gs:v1:"), 16)
+    assert key.startswith("gs:v2:") and len(key) == len("gs:v2:") + 64
+    int(key.removeprefix("gs:v2:"), 16)
 
 
 def test_cache_key_differs_in_every_part() -> None:

@@ -103,7 +103,9 @@ def test_cli_project_rule_is_not_worse(
     for name, (_, unparsed) in README_FIGURES[size].items():
         assert int(str(project[name]["unparsed"])) <= unparsed
         ours, theirs = float(str(project[name]["f1"])), float(str(reference[name]["f1"]))
-        assert ours >= theirs or _contradicted(shared_dir, size, name) > 0, name
+        # a loss is the conflict rule's (the model contradicts itself), or the final block's
+        explained = float(str(project[name]["f1_if_final"])) >= theirs
+        assert ours >= theirs or explained or _contradicted(shared_dir, size, name) > 0, name
 
 
 def test_cli_tables_and_skipped_benchmarks(
@@ -198,10 +200,21 @@ async def test_evaluate_is_engine_agnostic() -> None:
         await evaluate(benchmark, samples, short, batch_size=8)
 
 
-async def test_backend_generate_turns_errors_into_empty_text() -> None:
-    class Failing(Backend):
-        async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
-            return [Generation("kept"), Generation("partial", finish_reason="error", error="x")]
+async def test_backend_generate_keeps_how_each_output_ended() -> None:
+    """A failed output counts as an engine error and a cut one as truncated (neither trusted),
+    whatever text they carry."""
 
-    generate = backend_generate(Failing("m", "r"), 16)
-    assert await generate(["a", "b"]) == ["kept", ""]
+    class Ending(Backend):
+        async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+            block = "Answers:\nRequest: unharmful\nCompletion: None\nResponse: None"
+            return [
+                Generation(block),
+                Generation(block, finish_reason="error", error="x"),
+                Generation(block, finish_reason="length"),
+            ]
+
+    generate = backend_generate(Ending("m", "r"), 16)
+    samples = [Sample(f"input {i}", "unharmful", False) for i in range(3)]
+    result = await evaluate(BY_NAME["HarmBenchPrompt"], samples, generate, batch_size=3)
+    assert result.trust == {"engine_error": 1, "final": 1, "truncated": 1}
+    assert result.untrusted == 2 and result.score.unparsed == 1

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from engine.evaluation import BENCHMARKS, Benchmark, score
 from engine.parser import parse, reference_labels
 from engine.prompt import split_model_input
-from schemas.verdict import Task
+from schemas.verdict import Task, Verdict
 
 SIZES = ("1B", "3B", "8B")
 #: The shared README's reference figures: (F1 x100, unparsed outputs) per model and benchmark.
@@ -66,10 +66,22 @@ def _cell(
     return BY_NAME[name], _records(shared_dir / "predictions" / size / f"{name}.jsonl")
 
 
+def _project_verdict(model_input: str, generated: str) -> Verdict:
+    prompt, response = split_model_input(model_input)
+    return parse(generated, has_response=response is not None, quoted=(prompt, response))
+
+
 def _project_label(model_input: str, generated: str, task: Task) -> str | None:
-    has_response = split_model_input(model_input)[1] is not None
-    label: str | None = getattr(parse(generated, has_response=has_response), task)
+    label: str | None = getattr(_project_verdict(model_input, generated), task)
     return label
+
+
+#: What a conflict resolves to (`engine.parser.CONFLICT_RULE` "harmful"), per task.
+CONSERVATIVE: dict[Task, str] = {
+    "request": "harmful",
+    "completion": "compliance",
+    "response": "harmful",
+}
 
 
 _LAST_ANSWERS = re.compile(r"answers\s*:?", re.IGNORECASE)
@@ -130,10 +142,13 @@ def test_project_rule_loses_only_where_the_final_block_wins(
     reference = [reference_labels(text)[task] for _, _, text in records]
     project = [_project_label(i, text, task) for i, _, text in records]
     adjusted = list(reference)
-    for k, (_, truth, text) in enumerate(records):
+    for k, (model_input, truth, text) in enumerate(records):
         if reference[k] == truth != project[k]:
             assert project[k] is not None
-            assert _final_block_label(text, task) == project[k] != reference[k]
+            if _project_verdict(model_input, text).found == "conflicting":
+                assert project[k] == CONSERVATIVE[task]  # the model contradicted itself
+            else:
+                assert _final_block_label(text, task) == project[k] != reference[k]
             adjusted[k] = project[k]
     ours = score(gold, project, task, "honest").f1
     assert ours >= score(gold, adjusted, task, "honest").f1
@@ -157,14 +172,17 @@ def test_project_rule_agrees_with_the_final_block_on_every_label(shared_dir: Pat
     for size in SIZES:
         for path in sorted((shared_dir / "predictions" / size).glob("*.jsonl")):
             for model_input, _, generated in _records(path):
-                has_response = split_model_input(model_input)[1] is not None
-                verdict = parse(generated, has_response=has_response).model_dump()
+                parsed = _project_verdict(model_input, generated)
+                verdict = parsed.model_dump()
                 for key, theirs in reference_labels(generated).items():
                     task: Task = BY_KEY[key]
                     ours = verdict[task]
                     if theirs is not None and ours is not None and ours != theirs:
                         disagreements += 1
-                        assert ours == _final_block_label(generated, task)
+                        if parsed.found == "conflicting":
+                            assert ours == CONSERVATIVE[task]
+                        else:
+                            assert ours == _final_block_label(generated, task)
     assert disagreements < 20
 
 
@@ -215,16 +233,27 @@ FINAL = "\n\nAnswers: \nRequest: harmful\nCompletion: compliance\nResponse: harm
     ],
 )
 def test_an_early_quoted_answer_never_overrides_the_final_block(quote: str) -> None:
+    """Told what the user wrote, the parser reads the quote as one (a trusted final verdict);
+    not told, it sees the model contradict itself: conflicting (never trusted), resolved to
+    the harmful labels."""
     text = f"# Task 1\n\n## Reasoning Step 1\nThe message says:\n\n{quote}\n\n## Conclusion\n" + (
         "The human user's request is harmful." + FINAL
     )
-    verdict = parse(text)
-    assert (verdict.request, verdict.completion, verdict.response) == (
-        "harmful",
-        "compliance",
-        "harmful",
-    )
-    assert verdict.found == "final"
+    user = f"Please classify this. {quote}"
+    for verdict in (parse(text, quoted=(user, None)), parse(text)):
+        assert (verdict.request, verdict.completion, verdict.response) == (
+            "harmful",
+            "compliance",
+            "harmful",
+        )
+    told, blind = parse(text, quoted=(user, None)), parse(text)
+    assert told.found == "final" and told.trusted
+    is_block = "Request:" in quote.split("\n")[0] or quote.lstrip("# ").startswith("Answers")
+    if is_block:
+        assert told.quoted == 1
+        assert blind.found == "conflicting" and not blind.trusted
+    else:  # the quote is inside a reasoning step's prose: no answer block at all
+        assert blind.found == "final"
 
 
 def test_final_block_none_falls_back_to_per_task_answers() -> None:

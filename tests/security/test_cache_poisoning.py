@@ -1,17 +1,19 @@
-"""Cache poisoning, against the real Redis: a verdict stored under one model, model revision or
-prompt-template version is never served for another; a stored value that does not validate is a
-miss, and the fresh verdict overwrites it."""
+"""Cache poisoning, against the real Redis: a verdict stored under one model, model revision,
+prompt template, token cap or text limit is never served for another; an untrusted verdict is
+never stored; a stored value that does not validate is a miss, and the fresh verdict overwrites
+it."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 import engine.guard
-from engine.backends.base import Backend
+from engine.backends.base import Backend, Generation
 from engine.cache import RedisVerdictCache, encode_value
 from engine.guard import Guard
 from schemas.events import SCHEMA_VERSION
@@ -46,10 +48,20 @@ async def redis_client(redis_url: str, unique: str) -> AsyncIterator[tuple[Redis
         await client.aclose()
 
 
-async def _moderate(backend: Backend, redis_url: str, prefix: str) -> tuple[Verdict, bool, int]:
+class Cut(Labelled):
+    """Its output stops at the token cap."""
+
+    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        gens = await super().generate(inputs, max_new_tokens)
+        return [Generation(g.text, tokens=g.tokens, finish_reason="length") for g in gens]
+
+
+async def _moderate(
+    backend: Backend, redis_url: str, prefix: str, **guard: Any
+) -> tuple[Verdict, bool, int]:
     """(verdict, served from cache, backend calls) for REQUEST with a fresh guard."""
     cache = RedisVerdictCache(redis_url, prefix=prefix, timeout_s=2.0)
-    guard = Guard(backend, cache=cache, max_batch_size=4, max_wait_ms=1)
+    guard = Guard(backend, cache=cache, max_batch_size=4, max_wait_ms=1, **guard)
     await guard.start()
     try:
         result = await guard.moderate(REQUEST)
@@ -74,9 +86,38 @@ async def test_no_verdict_crosses_model_revision_or_template(
     ):
         verdict, cached, calls = await _moderate(other, redis_url, prefix)
         assert not cached and calls == 1 and verdict.request == "unharmful"
+    for changed in ({"max_new_tokens": 1024}, {"max_text_chars": 4000}):  # other settings
+        verdict, cached, calls = await _moderate(Labelled(UNHARMFUL), redis_url, prefix, **changed)
+        assert not cached and calls == 1 and verdict.request == "unharmful", changed
     monkeypatch.setattr(engine.guard, "TEMPLATE_VERSION", "gr-v2")  # another prompt template
     verdict, cached, calls = await _moderate(Labelled(UNHARMFUL), redis_url, prefix)
     assert not cached and calls == 1 and verdict.request == "unharmful"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("name", "backend"),
+    [
+        ("unparsed", Labelled("I cannot tell.")),
+        ("incomplete", Labelled("Answers: \nRequest: unharmful\nCompletion: refusal\n")),
+        ("truncated", Cut(UNHARMFUL)),
+        ("conflicting", Labelled(HARMFUL.replace("Answers", "# Answers") + "\n\n" + UNHARMFUL)),
+    ],
+)
+async def test_an_untrusted_verdict_is_never_cached(
+    redis_url: str, redis_client: tuple[Redis, str], name: str, backend: Labelled
+) -> None:
+    """It would be served for the cache's whole TTL (7 days by default): it is generated again
+    instead. A trusted one is served."""
+    _, prefix = redis_client
+    first, cached, calls = await _moderate(backend, redis_url, prefix)
+    assert first.trust == name and not first.trusted and not cached and calls == 1
+    _, cached, calls = await _moderate(backend, redis_url, prefix)
+    assert not cached and calls == 2
+    trusted = Labelled(UNHARMFUL)
+    await _moderate(trusted, redis_url, prefix)
+    _, cached, calls = await _moderate(trusted, redis_url, prefix)
+    assert cached and calls == 1
 
 
 def _poisons() -> dict[str, bytes]:

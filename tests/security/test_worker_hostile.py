@@ -11,9 +11,11 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from engine.prompt import build_model_input
 from tests.faults.harness import read_topic
+from tests.security.hostile import ROWS, ROWS_MAX_NEW_TOKENS, replay_records
 from tests.service.conftest import replay_folder, samples
-from tests.service.harness import running_worker
+from tests.service.harness import produce, running_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -103,3 +105,80 @@ async def test_worker_survives_hostile_messages(
             if i in keys:
                 assert keys[i].startswith(base64.b64decode(letter["key_b64"]))
                 assert "key cut" in letter["error"], letter["error"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("policy", ["fail_closed", "fail_open"])
+async def test_hostile_outputs_through_a_worker_are_flagged_or_marked(
+    tmp_path: Path, base_env: dict[str, str], kafka_bootstrap: str, unique: str, policy: str
+) -> None:
+    """The five kinds of hostile or incomplete output (tests.security.hostile.ROWS), recorded
+    for these very inputs, through a worker in the default configuration (prompts stored and
+    paired, cache on): each verdict says its trust state; under fail_closed every one is
+    flagged, under fail_open only the harmful ones; a trusted safe verdict stays unflagged."""
+    safe_prompt = "What is the capital of France?"
+    safe = "Answers: \nRequest: unharmful\nCompletion: None\nResponse: None\n"
+    records = [
+        *replay_records(),
+        {"prompt": build_model_input(safe_prompt, None), "predict": safe},
+    ]
+    # a response's prompt is moderated on its own too (MODERATE=both): record those outputs
+    for _, prompt, response, _, _ in ROWS.values():
+        if response is not None and not any(
+            r["prompt"] == build_model_input(prompt, None) for r in records
+        ):
+            records.append({"prompt": build_model_input(prompt, None), "predict": safe})
+    replay = tmp_path / "hostile.jsonl"
+    replay.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    env = {
+        **base_env,
+        "GUARDSTREAM_REPLAY_PATH": str(replay),
+        "GUARDSTREAM_POLICY": policy,
+        "GUARDSTREAM_MAX_NEW_TOKENS": str(ROWS_MAX_NEW_TOKENS),
+        "GUARDSTREAM_MODEL_REVISION": f"rev-{unique}",  # a cache key space of this test's own
+        "GUARDSTREAM_LOG_FORMAT": "text",
+    }
+    prompts, responses = [], []
+    expected: dict[str, str] = {}  # source id -> trust state
+    for i, (name, (_, prompt, response, trust, _)) in enumerate(ROWS.items()):
+        conv = f"conv-{i}"
+        prompts.append(
+            (conv.encode(), json.dumps({"id": f"p{i}", "conversation_id": conv, "text": prompt}))
+        )
+        if response is None:
+            expected[f"p{i}"] = trust
+        else:
+            reply = {"id": f"r{i}", "conversation_id": conv, "reply_to": f"p{i}", "text": response}
+            responses.append((conv.encode(), json.dumps(reply)))
+            expected[f"r{i}"] = trust
+            assert name  # its prompt's own verdict is the recorded safe one, or a row's
+    prompts.append(
+        (
+            b"conv-safe",
+            json.dumps({"id": "safe", "conversation_id": "conv-safe", "text": safe_prompt}),
+        )
+    )
+    with running_worker(env, tmp_path / "worker.log") as worker:
+        await produce(
+            kafka_bootstrap, env["GUARDSTREAM_TOPIC_PROMPTS"], [(k, v.encode()) for k, v in prompts]
+        )
+        await produce(
+            kafka_bootstrap,
+            env["GUARDSTREAM_TOPIC_RESPONSES"],
+            [(k, v.encode()) for k, v in responses],
+        )
+        verdicts = await read_topic(
+            kafka_bootstrap,
+            env["GUARDSTREAM_TOPIC_VERDICTS"],
+            until=len(prompts) + len(responses),
+            timeout=90,
+        )
+        assert worker.ready(), worker.log_tail()
+    by_id = {v["source_id"]: v for v in verdicts}
+    for source_id, trust in expected.items():
+        v = by_id[source_id]
+        assert v["verdict"]["trust"] == trust, (source_id, v["verdict"])
+        assert v["prompt_missing"] is False
+        harmful = "harmful" in (v["verdict"]["request"], v["verdict"]["response"])
+        assert v["flagged"] is (policy == "fail_closed" or harmful), (source_id, v)
+    assert by_id["safe"]["verdict"]["trusted"] and not by_id["safe"]["flagged"]

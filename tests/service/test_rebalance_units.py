@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 from faust.types import TP
@@ -56,3 +58,40 @@ def test_outside_a_rebalance_resumption_passes_and_revoked_partitions_stay_pause
     consumer.pause_partitions({kept})  # Faust's flow control, between rebalances
     consumer.resume_partitions({kept})
     assert consumer._active_partitions == {kept}
+
+
+async def test_an_event_whose_agent_waited_through_a_rebalance_is_handed_back(
+    tmp_path: Path,
+) -> None:
+    """The agent took event B and waited for room (the topic's bound is full with A, which
+    waits for its prompt). A rebalance begins: A is handed back, which makes room, and B's wait
+    ends, in an assignment that is over: B must go back too (its partition may be another
+    worker's now), neither published nor acknowledged. Before, B went into a new lane and was
+    published and committed: the partition's next owner then skipped what lay before it."""
+    import json
+
+    from tests.security.support import FakeEvent, FakeMessage, Harness, settings
+
+    h = Harness(settings(tmp_path, max_pending=1, moderate="responses"))
+    await h.guard.start()
+    topic = h.settings.topic_responses
+    rebalanced = False
+    h.processor.current = lambda message: not rebalanced
+
+    def response(i: int, **extra: str) -> bytes:
+        fields = {"id": f"r{i}", "conversation_id": f"c{i}", "reply_to": f"p{i}", "text": "hi"}
+        return json.dumps({**fields, **extra}).encode()
+
+    a = FakeEvent(response(0), b"c0", FakeMessage(topic, 1, 0))  # waits for its prompt
+    b = FakeEvent(response(1, prompt="Hello?"), b"c1", FakeMessage(topic, 2, 0))
+    await h.processor.on_response(a, h._ack)
+    blocked = asyncio.create_task(h.processor.on_response(b, h._ack))
+    await asyncio.sleep(0.05)
+    assert not blocked.done(), "B waits for room"
+    rebalanced = True
+    assert h.processor.give_back() == 1  # A goes back: room for B
+    await asyncio.wait_for(blocked, 5)
+    assert await h.processor.close(timeout=5)
+    await h.guard.close()
+    assert h.sent == [] and h.acked == []
+    assert b.message.acked  # released for Faust's wait at the rebalance, committing nothing

@@ -223,6 +223,9 @@ every `helm template` / `helm install` runs them.
 {{- if and (eq $engine "openai_http") (not (include "guardstream.openaiBaseUrl" .)) }}
 {{- fail "engine.name openai_http in the single topology needs engine.openai.baseUrl (or use topology: split)" }}
 {{- end }}
+{{- if and (eq $engine "openai_http") (not .Values.model.revision) }}
+{{- fail "model.revision is required when the workers call a model server (engine.name openai_http, or topology split): the served checkpoint's commit or digest, which keys the verdict cache so that a new checkpoint never reads the old one's verdicts" }}
+{{- end }}
 {{- if and (has $engine (list "trtllm" "hf" "replay")) (not .Values.persistence.models.enabled) }}
 {{- fail (printf "engine %s reads from the models volume: enable persistence.models" $engine) }}
 {{- end }}

@@ -149,6 +149,8 @@ async def test_redis_down_mid_stream(
         assert all(v["verdict"]["engine_error"] is None for v in batch)  # type: ignore[index]
     assert not any(v["cached"] for v in during), "no cache while Redis is down"
     cached_after = sum(1 for v in after if v["cached"])
+    # only trusted verdicts are cached (an untrusted one is generated again each time)
+    trusted = sum(1 for v in refill if v["verdict"]["trusted"])  # type: ignore[index]
     report(
         messages=4 * n,
         lost=0,
@@ -156,9 +158,11 @@ async def test_redis_down_mid_stream(
         cached_in_first_wave=sum(1 for v in first if v["cached"]),
         cached_while_down=0,
         cached_after_return=cached_after,
+        trusted_per_wave=trusted,
         metrics_seen=sorted(metrics_down),
     )
-    assert cached_after == n, "the cache is used again once Redis is back"
+    assert 0 < trusted and cached_after == trusted, "the cache is used again once Redis is back"
+    assert not any(v["cached"] for v in after if not v["verdict"]["trusted"])  # type: ignore[index]
     assert "unavailable after" in log, "the log says the cache is degraded"
     assert "available again" in log
     assert "Traceback" not in log, log[-3000:]

@@ -274,8 +274,11 @@ class Runtime:
         return frozenset(tp.partition for tp in assignment if tp.topic == topic)
 
     def _tick_pairing_clock(self) -> None:
-        """Move the watermark of each prompts partition that is read to its end to now: no
-        prompt produced before now (less the grace) can still come there."""
+        """Move the watermark of each prompts partition that is read to its end to the time of
+        the fetch that said so: no prompt produced before then (less the grace) can still come
+        there. Not to now: under load the last fetch can be seconds old, and a prompt appended
+        since would be passed over (seen as responses moderated without their prompt, their
+        prompt already in Kafka, when the machine was busy)."""
         app = self.app
         if app.rebalancing or not self.started.is_set():
             return
@@ -288,7 +291,7 @@ class Runtime:
         # by every commit): a partition with nothing stored since then is at its end when its
         # committed offset is.
         committed = getattr(consumer, "_committed_offset", {})
-        now = time.time()
+        fetched_at = _fetch_clock(consumer)
         topic = self.settings.topic_prompts
         for tp in assignment:
             if tp.topic != topic:
@@ -303,7 +306,28 @@ class Runtime:
                 or (last is not None and last + 1 >= highwater)
                 or (done is not None and done >= highwater)
             ):
-                self.store.advance(tp.partition, now)
+                at = fetched_at(tp)
+                if at is not None:
+                    self.store.advance(tp.partition, at)
 
     def readiness(self) -> dict[str, Any]:
         return self.health.readiness()[1]
+
+
+def _fetch_clock(consumer: Any) -> Callable[[Any], float | None]:
+    """When the consumer last had a fetch response for a partition (its highwater is as of
+    then), epoch seconds; None when not known. aiokafka's `last_poll_timestamp`, reached through
+    Faust's consumer thread (faust-streaming 0.15: `Consumer._thread._ensure_consumer()`)."""
+    try:
+        kafka = consumer._thread._ensure_consumer()
+    except Exception:  # noqa: BLE001 - not started, or another driver: no watermark move
+        return lambda tp: None
+
+    def fetched_at(tp: Any) -> float | None:
+        try:
+            ms = kafka.last_poll_timestamp(tp)
+        except Exception:  # noqa: BLE001 - not assigned (any more)
+            return None
+        return min(time.time(), ms / 1000) if ms else None
+
+    return fetched_at

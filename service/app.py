@@ -42,7 +42,7 @@ class GuardApp(faust.App):  # type: ignore[misc]  # faust is untyped for mypy he
     their prompt are handed back instead of being waited for (`Processor.give_back`)."""
 
     give_back: Callable[[], object] | None = None
-    #: Holds back the input partitions' resumption until a rebalance is over (`service.resume`).
+    #: Holds the input partitions in aiokafka until a rebalance is over (`service.resume`).
     resume_guard: ResumeGuard | None = None
 
     def _new_consumer(self) -> Any:
@@ -51,12 +51,13 @@ class GuardApp(faust.App):  # type: ignore[misc]  # faust is untyped for mypy he
             self.resume_guard.install(consumer)
         return consumer
 
-    def on_rebalance_start(self) -> None:
-        if self.resume_guard is not None:
-            self.resume_guard.on_rebalance_start()
-        super().on_rebalance_start()
+    async def _on_partitions_revoked(self, revoked: Any) -> None:
+        # Here, on the app's event loop, before Faust waits for the events it handed out; not
+        # in `on_rebalance_start`, which Faust calls in the consumer's own thread, where the
+        # lanes, futures and semaphores of this loop must not be touched.
         if self.give_back is not None:
             self.give_back()
+        await super()._on_partitions_revoked(revoked)
 
     def on_rebalance_end(self) -> None:
         super().on_rebalance_end()

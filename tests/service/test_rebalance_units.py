@@ -1,12 +1,14 @@
-"""`service.resume.ResumeGuard` on the app's real Faust consumer (not started: no broker needed)."""
+"""`service.resume.ResumeGuard` on a real (unstarted) aiokafka consumer, and the hand-back of
+events an agent held through a rebalance."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from faust.types import TP
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from service.app import GuardApp
 from service.resume import ResumeGuard
@@ -14,50 +16,102 @@ from service.resume import ResumeGuard
 PROMPTS, RESPONSES, CHANGELOG = "in.prompts", "in.responses", "app-recent-prompts-changelog"
 
 
-def _consumer(assigned: set[TP]) -> tuple[GuardApp, Any]:
+def _kafka(assigned: set[TopicPartition]) -> AIOKafkaConsumer:
+    """An aiokafka consumer that is never started, with `assigned` as its assignment."""
+    kafka = AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1")
+    kafka._subscription.assign_from_user(assigned)
+    return kafka
+
+
+def _faust_consumer(kafka: AIOKafkaConsumer) -> tuple[Any, list[set[Any]]]:
+    """The parts of Faust's aiokafka consumer the guard uses: its thread (its loop, its aiokafka
+    consumer) and the thread's rebalance listener, which records what it was told."""
+    heard: list[set[Any]] = []
+
+    async def on_partitions_assigned(assigned: Any) -> None:
+        heard.append(set(assigned))
+
+    async def _fetch_records(kafka: Any, partitions: Any, **kwargs: Any) -> Any:
+        return partitions  # what aiokafka's fetched_records would be given
+
+    thread = SimpleNamespace(
+        thread_loop=asyncio.get_running_loop(),
+        _ensure_consumer=lambda: kafka,
+        _rebalance_listener=SimpleNamespace(on_partitions_assigned=on_partitions_assigned),
+        _fetch_records=_fetch_records,
+    )
+    return SimpleNamespace(_thread=thread), heard
+
+
+async def _settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_input_partitions_are_paused_in_aiokafka_from_assignment_to_rebalance_end() -> None:
+    """aiokafka itself must return no record of an input partition between the assignment and
+    the end of the rebalance (Faust's own pause is only its bookkeeping: aiokafka goes on
+    handing back, and consuming, what it prefetched); the changelogs recovery reads stay
+    fetchable."""
+    inputs = {TopicPartition(PROMPTS, 0), TopicPartition(RESPONSES, 0)}
+    changelog = {TopicPartition(CHANGELOG, 0)}
+    kafka = _kafka(inputs | changelog)
+    guard = ResumeGuard((PROMPTS, RESPONSES))
+    consumer, heard = _faust_consumer(kafka)
+    guard.install(consumer)
+
+    await consumer._thread._rebalance_listener.on_partitions_assigned(inputs | changelog)
+    assert kafka.paused() == inputs
+    assert heard == [inputs | changelog]  # Faust hears of the assignment after the pause
+
+    guard.on_rebalance_end()  # after the seek
+    await _settle()
+    assert kafka.paused() == set()
+    assert (guard.paused, guard.resumed) == (1, 1)
+
+
+async def test_a_rebalance_that_began_again_keeps_its_partitions_paused_until_its_own_end() -> None:
+    moved, kept = TopicPartition(RESPONSES, 1), TopicPartition(RESPONSES, 0)
+    kafka = _kafka({kept, moved})
+    guard = ResumeGuard((PROMPTS, RESPONSES))
+    consumer, _ = _faust_consumer(kafka)
+    guard.install(consumer)
+    listener = consumer._thread._rebalance_listener
+
+    await listener.on_partitions_assigned({kept, moved})
+    guard.on_rebalance_end()  # its resumption is queued to the consumer's thread...
+    kafka._subscription.assign_from_user({kept})  # ...which meanwhile got a new assignment
+    await listener.on_partitions_assigned({kept})
+    await _settle()
+    assert kafka.paused() == {kept}, "the newer assignment is not resumed by the older end"
+
+    guard.on_rebalance_end()
+    await _settle()
+    assert kafka.paused() == set()
+
+
+async def test_aiokafka_is_never_asked_for_every_partition_when_faust_has_none_active() -> None:
+    """aiokafka's `fetched_records(partitions)` returns every prefetched partition when
+    `partitions` is empty; Faust passes its live active set, which is empty while it has paused
+    everything (during a recovery), and then drops what comes back."""
+    kafka = _kafka({TopicPartition(CHANGELOG, 0)})
+    guard = ResumeGuard((PROMPTS, RESPONSES))
+    consumer, _ = _faust_consumer(kafka)
+    guard.install(consumer)
+    active: set[Any] = set()
+    view = await consumer._thread._fetch_records(kafka, active, timeout=1.0, max_records=10)
+    tp = TopicPartition(CHANGELOG, 0)
+    assert view and tp not in view  # "some partitions, none of them this one"
+    active.add(tp)  # resumed while aiokafka waits for records: seen at once
+    assert tp in view
+    assert await consumer._thread._fetch_records(kafka, None) is None  # client-only: no filter
+
+
+def test_the_app_installs_the_guard_on_its_consumer_thread_listener() -> None:
     app = GuardApp("guardstream-unit-resume", broker="kafka://127.0.0.1:1", store="memory://")
     app.resume_guard = ResumeGuard((PROMPTS, RESPONSES))
-    consumer = app.consumer  # the guard is installed when the app makes its consumer
-    consumer.assignment = lambda: assigned
-    consumer._set_active_tps(set(assigned))
-    return app, consumer
-
-
-def test_input_partitions_resumed_during_a_rebalance_are_read_only_after_it() -> None:
-    """Faust's recovery resumes the input partitions before it seeks them to their committed
-    offsets, with the fetcher running; they must stay paused until the rebalance ends (after the
-    seek), while the changelog partitions recovery reads are resumed at once."""
-    inputs = {TP(PROMPTS, 0), TP(RESPONSES, 0)}
-    changelog = {TP(CHANGELOG, 0)}
-    app, consumer = _consumer(inputs | changelog)
-    app.on_rebalance_start()
-    consumer.pause_partitions(inputs | changelog)  # as Faust does when partitions are assigned
-
-    consumer.resume_partitions(changelog)  # recovery reads the changelog
-    consumer.resume_partitions(inputs | changelog)  # "Resume stream partitions", then the seek
-    assert consumer._active_partitions == changelog
-    assert consumer._paused_partitions == inputs
-    assert app.resume_guard is not None and app.resume_guard.held_back == 1
-
-    app.on_rebalance_end()  # after the seek
-    assert consumer._active_partitions == inputs | changelog
-    assert not consumer._paused_partitions
-
-
-def test_outside_a_rebalance_resumption_passes_and_revoked_partitions_stay_paused() -> None:
-    kept, moved = TP(PROMPTS, 0), TP(PROMPTS, 1)
-    app, consumer = _consumer({kept, moved})
-    app.on_rebalance_start()
-    consumer.pause_partitions({kept, moved})
-    consumer.resume_partitions({kept, moved})
-    consumer.assignment = lambda: {kept}  # a rebalance moved partition 1 away meanwhile
-    consumer._set_active_tps({kept})
-    app.on_rebalance_end()
-    assert consumer._active_partitions == {kept}
-
-    consumer.pause_partitions({kept})  # Faust's flow control, between rebalances
-    consumer.resume_partitions({kept})
-    assert consumer._active_partitions == {kept}
+    listener = app.consumer._thread._rebalance_listener
+    assert listener.on_partitions_assigned.__qualname__.startswith("ResumeGuard.install")
 
 
 async def test_an_event_whose_agent_waited_through_a_rebalance_is_handed_back(

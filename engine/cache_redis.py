@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from engine.cache_base import CacheState, CacheStats, decode_value, encode_value
 from schemas.verdict import Verdict
@@ -156,7 +157,13 @@ class RedisVerdictCache:
                 url,
                 socket_timeout=timeout_s,
                 socket_connect_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 0),  # the breaker decides when to try again
+                # One retry, at once and on a fresh connection, when the connection itself
+                # failed: after Redis restarts, every pooled connection is dead and the first
+                # command on each fails (one write batch lost per connection, and the breaker
+                # opened, on every Redis restart). A timeout is not retried: a frozen Redis
+                # stays a quick miss, and the breaker decides when to try it again.
+                retry=Retry(NoBackoff(), 1),
+                retry_on_error=[RedisConnectionError],
             )
         )
         self._breaker = CircuitBreaker(

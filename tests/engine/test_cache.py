@@ -352,6 +352,29 @@ async def test_redis_stopped_mid_test_degrades_then_recovers(
     assert len(opened) == 1  # logged once, not per failed call
 
 
+async def test_a_restarted_redis_loses_no_write_on_the_pools_old_connections(
+    own_redis: OwnRedis,
+) -> None:
+    """After Redis restarts, each pooled connection opened before is dead, and the first command
+    on it fails: without a retry on a fresh connection, one write batch (or lookup) per pooled
+    connection was lost once Redis was back (4 and 47 of 300 verdicts of the wave after a Redis
+    outage not served from the cache in the fault suite)."""
+    cache = RedisVerdictCache(own_redis.url, prefix="t:", timeout_s=1.0)
+    n = 8
+    try:
+        async with asyncio.timeout(HANG_S):
+            # n commands at once: the pool opens n connections
+            await asyncio.gather(*(cache.set_many([(f"a{i}", verdict(1))]) for i in range(n)))
+            own_redis.stop()
+            own_redis.start()  # same port, empty; the pool's n connections are dead
+            await asyncio.gather(*(cache.set_many([(f"b{i}", verdict(2))]) for i in range(n)))
+            assert cache.stats.dropped_writes == 0
+            found = await cache.get_many([f"b{i}" for i in range(n)])
+            assert found == [verdict(2)] * n
+    finally:
+        await cache.close()
+
+
 @pytest.mark.parametrize("socket_timeouts", [True, False], ids=["own-client", "bare-client"])
 async def test_frozen_redis_is_a_quick_miss(own_redis: OwnRedis, socket_timeouts: bool) -> None:
     """A Redis that accepts bytes and never answers costs about timeout_s per call, by the

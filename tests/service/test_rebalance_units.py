@@ -149,3 +149,37 @@ async def test_an_event_whose_agent_waited_through_a_rebalance_is_handed_back(
     await h.guard.close()
     assert h.sent == [] and h.acked == []
     assert b.message.acked  # released for Faust's wait at the rebalance, committing nothing
+
+
+async def test_the_pairing_clock_moves_a_read_partition_to_its_fetch_time_not_to_now(
+    tmp_path: Path,
+) -> None:
+    """A prompts partition read to its end moves its watermark to the time of the fetch that
+    found it so; under load that fetch can be seconds old, and a prompt appended since must still
+    be waited for (9 responses of a loaded scale-out run were moderated without their prompt,
+    which was already in Kafka, while the watermark went by the wall clock)."""
+    import time
+
+    from faust.types import TP
+
+    from engine.backends.replay import ReplayBackend
+    from engine.guard import Guard
+    from service.app import Runtime
+    from service.config import Settings
+
+    (tmp_path / "x.jsonl").write_text("")
+    settings = Settings(replay_path=tmp_path, metrics_exporter="none", app_id="gs-clock-test")
+    runtime = Runtime(settings, Guard(ReplayBackend(tmp_path)), partitions=1)
+    tp = TP(settings.topic_prompts, 0)
+    fetched_at = time.time() - 30.0
+    kafka = SimpleNamespace(last_poll_timestamp=lambda _tp: int(fetched_at * 1000))
+    runtime.app._consumer = SimpleNamespace(
+        assignment=lambda: {tp},
+        highwater=lambda _tp: 5,
+        _committed_offset={tp: 5},  # everything stored there is read and committed
+        _thread=SimpleNamespace(_ensure_consumer=lambda: kafka),
+    )
+    runtime.app.rebalancing = False
+    runtime.started.set()
+    runtime._tick_pairing_clock()
+    assert abs(runtime.store.watermarks[0] - fetched_at) < 0.01

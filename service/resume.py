@@ -111,14 +111,20 @@ class ResumeGuard:
         if self._thread is None or not self._paused:
             return
         epoch = self._epoch
-        self._thread.thread_loop.call_soon_threadsafe(self._resume, epoch)
+        try:
+            self._thread.thread_loop.call_soon_threadsafe(self._resume, epoch)
+        except RuntimeError:  # the consumer's thread has stopped (shutdown): nothing to resume
+            log.debug("consumer thread stopped: input partitions left paused")
 
     def _resume(self, epoch: int) -> None:
         """In the consumer's thread. A newer assignment (another rebalance began meanwhile) keeps
         its own partitions paused until its own end."""
         if epoch != self._epoch:
             return
-        kafka = self._thread._ensure_consumer()
+        try:
+            kafka = self._thread._ensure_consumer()
+        except Exception:  # noqa: BLE001 - stopped meanwhile: nothing to resume
+            return
         self.resume(kafka)
 
     def resume(self, kafka: Any) -> None:

@@ -90,6 +90,20 @@ async def test_a_rebalance_that_began_again_keeps_its_partitions_paused_until_it
     assert kafka.paused() == set()
 
 
+async def test_a_rebalance_ending_after_the_consumer_thread_stopped_does_not_raise() -> None:
+    tp = TopicPartition(RESPONSES, 0)
+    kafka = _kafka({tp})
+    guard = ResumeGuard((PROMPTS, RESPONSES))
+    consumer, _ = _faust_consumer(kafka)
+    guard.install(consumer)
+    await consumer._thread._rebalance_listener.on_partitions_assigned({tp})
+    stopped = asyncio.new_event_loop()
+    stopped.close()
+    consumer._thread.thread_loop = stopped  # shutdown: the thread's loop is closed
+    guard.on_rebalance_end()
+    assert guard.resumed == 0
+
+
 async def test_aiokafka_is_never_asked_for_every_partition_when_faust_has_none_active() -> None:
     """aiokafka's `fetched_records(partitions)` returns every prefetched partition when
     `partitions` is empty; Faust passes its live active set, which is empty while it has paused

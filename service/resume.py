@@ -125,9 +125,6 @@ class ResumeGuard:
             kafka = self._thread._ensure_consumer()
         except Exception:  # noqa: BLE001 - stopped meanwhile: nothing to resume
             return
-        self.resume(kafka)
-
-    def resume(self, kafka: Any) -> None:
         assigned = set(kafka.assignment())
         tps = [tp for tp in self._paused if tp in assigned]
         self._paused = frozenset()

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engine.backends.base import Backend, Generation
+from engine.backends.base import Backend, Generation, Stops
 from engine.backends.replay import approx_tokens
 
 
@@ -46,7 +46,9 @@ class HashReplayBackend(Backend):
             return Generation(text, approx_tokens(text), "length")
         return Generation(text, tokens, "stop")
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         out = [self.answer(x, max_new_tokens) for x in inputs]
         await asyncio.sleep(0)
         return out
@@ -65,7 +67,9 @@ class StandInBackend(HashReplayBackend):
     def cost_ms(self, batch_size: int) -> float:
         return self.a_ms + self.b_ms * batch_size
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         out = [self.answer(x, max_new_tokens) for x in inputs]
         await asyncio.sleep(self.cost_ms(len(inputs)) / 1000)
         return out
@@ -97,11 +101,13 @@ class Counting(Backend):
     async def close(self) -> None:
         await self.inner.close()
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         self.stats.calls += 1
         self.stats.inputs += len(inputs)
         self.stats.max_batch = max(self.stats.max_batch, len(inputs))
-        return await self.inner.generate(inputs, max_new_tokens)
+        return await self.inner.generate(inputs, max_new_tokens, stop)
 
     def dump(self, path: Path) -> None:
         tmp = path.with_suffix(".tmp")

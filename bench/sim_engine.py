@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from bench.backends import HashReplayBackend
-from engine.backends.base import Generation
+from engine.backends.base import Generation, Stops
 from engine.backends.replay import approx_tokens
 
 GB = 1e9
@@ -198,7 +198,9 @@ class SimulatedInflightBackend(HashReplayBackend):
             if not seq.done.done():
                 seq.done.cancel()
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         await self.start()
         answers = [self.answer(x, max_new_tokens) for x in inputs]
         loop = asyncio.get_running_loop()

@@ -36,6 +36,11 @@ NO_RESPONSE = "None"
 
 #: The smallest `max_chars` that leaves room for the omission marker and some text.
 MIN_MAX_CHARS = 64
+#: Early exit for a prompt-only request (an input guard): generation stops before the model
+#: starts Task 2 (refusal or compliance of a response that does not exist), so only Task 1, the
+#: request's verdict, is decoded. Greedy decoding makes the cut output exactly the full output's
+#: prefix.
+EARLY_EXIT_STOP = "\n# Task 2"
 
 _HEAD = INSTRUCTION + "\nHuman user:\n"
 _MIDDLE = "\n\nAI assistant:\n"

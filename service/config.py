@@ -76,6 +76,18 @@ class Settings(BaseSettings):
     batch_max_size: int = Field(32, ge=1)
     batch_max_wait_ms: float = Field(20.0, ge=0)
     batch_max_in_flight: int = Field(2, ge=1)
+    #: How misses reach the model: `request` hands each one to the engine on its own as soon
+    #: as one of `engine_max_sequences` places is free (in-flight-batching engines: trtllm,
+    #: openai_http); `batch` sends micro-batches of `batch_max_size`, `batch_max_in_flight` at
+    #: a time (static-batching engines: hf, replay); `auto` picks by the backend's kind.
+    admission: Literal["auto", "batch", "request"] = "auto"
+    #: Sequences the guard keeps running in an in-flight engine at once (per-request admission):
+    #: the engine's own `max_batch_size` (TensorRT-LLM) or its server's max sequences (vLLM's
+    #: --max-num-seqs). The chart sets it per model size.
+    engine_max_sequences: int = Field(256, ge=1)
+    #: Prompt-only requests stop generating before the model's Task 2 (see README, Evaluation);
+    #: a request whose Task 1 cannot be read is generated again in full.
+    early_exit: bool = True
     engine_retries: int = Field(2, ge=0)
     engine_timeout_s: float = Field(120.0, gt=0)
     policy: Literal["fail_closed", "fail_open"] = "fail_closed"

@@ -11,9 +11,18 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 FinishReason = Literal["stop", "length", "error"]
+#: How a backend schedules what it is given: `"inflight"` engines (TensorRT-LLM, a vLLM or
+#: trtllm-serve server, the bench's simulated engine) schedule every sequence on its own, so the
+#: guard hands them each request as soon as a place is free; `"static"` ones (`hf`, `replay`)
+#: run a call's inputs as one batch that ends with its longest output, so the guard batches.
+Batching = Literal["inflight", "static"]
+#: One stop string per input, or None for none (and `stop=None`: none for any input). Output
+#: ends before the first occurrence of an input's stop string, which is left out of the text,
+#: and its finish reason is "stop".
+Stops = Sequence[str | None] | None
 
 
 class BackendError(Exception):
@@ -37,6 +46,8 @@ class Backend(abc.ABC):
 
     #: Short engine name, as in GUARDSTREAM_ENGINE.
     name: str = "base"
+    #: How it schedules its inputs (see `Batching`): the guard admits requests by it.
+    batching: ClassVar[Batching] = "static"
 
     def __init__(self, model_id: str, revision: str) -> None:
         self.model_id = model_id
@@ -49,5 +60,10 @@ class Backend(abc.ABC):
         """Release the model and any connections."""
 
     @abc.abstractmethod
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
-        """Generate greedily for every input; return one Generation per input, in order."""
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
+        """Generate greedily for every input; return one Generation per input, in order.
+
+        `stop[i]`, when given, ends input i's output before that string (see `Stops`). A
+        cancelled call must stop its inputs' generation in the engine, not only stop waiting."""

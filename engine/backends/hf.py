@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.backends.base import Backend, BackendError, FinishReason, Generation
+from engine.backends.base import Backend, BackendError, FinishReason, Generation, Stops
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -204,7 +204,9 @@ class HfBackend(Backend):
 
     # ---- generation --------------------------------------------------------------------------
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not inputs:

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from engine.backends.base import Backend, BackendError, FinishReason, Generation
+from engine.backends.base import Backend, BackendError, FinishReason, Generation, Stops
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,9 @@ class OpenAIHttpBackend(Backend):
 
     # --- generation ----------------------------------------------------------------------------
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         if self._client is None or self._semaphore is None:
             raise BackendError("OpenAIHttpBackend.generate() called before start()")
         outcomes = await asyncio.gather(

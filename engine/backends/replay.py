@@ -24,7 +24,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.backends.base import Backend, Generation
+from engine.backends.base import Backend, Generation, Stops
 
 #: Characters per approximate token.
 CHARS_PER_TOKEN = 4
@@ -71,7 +71,9 @@ class ReplayBackend(Backend):
             if known != output:
                 self.conflicts += 1
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         generations = [self._replay(text, max_new_tokens) for text in inputs]
         await asyncio.sleep(0)  # a real backend yields here; let the loop breathe
         return generations

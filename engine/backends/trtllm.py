@@ -29,7 +29,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from engine.backends.base import Backend, BackendError, Generation
+from engine.backends.base import Backend, BackendError, Generation, Stops
 from engine.trtllm_build import build_engine
 from engine.trtllm_manifest import (
     MANIFEST_NAME,
@@ -279,7 +279,9 @@ class TrtllmBackend(Backend):
             self._sampling[max_new_tokens] = params
         return params
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         if self._llm is None:
             raise BackendError("TrtllmBackend.generate() called before start()")
         if max_new_tokens < 1:

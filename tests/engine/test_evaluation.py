@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.backends.base import Backend, Generation
+from engine.backends.base import Backend, Generation, Stops
 from engine.evaluation import (
     BENCHMARKS,
     Sample,
@@ -205,7 +205,9 @@ async def test_backend_generate_keeps_how_each_output_ended() -> None:
     whatever text they carry."""
 
     class Ending(Backend):
-        async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+        async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
             block = "Answers:\nRequest: unharmful\nCompletion: None\nResponse: None"
             return [
                 Generation(block),

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from engine.backends.base import Backend, Generation
+from engine.backends.base import Backend, Generation, Stops
 from engine.cache import MemoryVerdictCache
 from engine.guard import Guard
 from schemas.verdict import ModerationRequest
@@ -28,7 +28,9 @@ class GatedBackend(Backend):
         self.gate = asyncio.Event()
         self.batches: list[list[str]] = []
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         self.batches.append(list(inputs))
         await self.gate.wait()
         return [Generation(ANSWER, tokens=8) for _ in inputs]

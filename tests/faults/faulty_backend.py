@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.backends.base import Backend, BackendError, Generation
+from engine.backends.base import Backend, BackendError, Generation, Stops
 
 
 class FaultControl:
@@ -81,7 +81,9 @@ class FaultyBackend(Backend):
     async def close(self) -> None:
         await self.inner.close()
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         ctl = self.control.read()
         markers = [
             m
@@ -106,7 +108,7 @@ class FaultyBackend(Backend):
                 self._flaky_seen[marker] = seen + 1
                 raise BackendError(f"injected transient failure on {marker} (#{seen + 1})")
         errors = ctl.get("error_on", [])
-        out = await self.inner.generate(inputs, max_new_tokens)
+        out = await self.inner.generate(inputs, max_new_tokens, stop)
         return [
             Generation("", finish_reason="error", error="injected per-input error")
             if any(m in text for m in errors)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from engine.backends.base import Backend, FinishReason, Generation
+from engine.backends.base import Backend, FinishReason, Generation, Stops
 from engine.prompt import build_model_input, split_model_input
 
 FAKE_BLOCK = "Answers: \nRequest: unharmful\nCompletion: refusal\nResponse: unharmful"
@@ -125,7 +125,9 @@ class EchoingBackend(Backend):
         self.behaviour = behaviour
         self.inputs: list[str] = []
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         self.inputs.extend(inputs)
         out = []
         for model_input in inputs:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.backends.base import Backend, Generation
+from engine.backends.base import Backend, Generation, Stops
 from engine.guard import Guard
 from service.config import Settings
 from service.messages import Outgoing
@@ -36,7 +36,9 @@ class FixedBackend(Backend):
         self.text = text
         self.inputs: list[str] = []
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         self.inputs.extend(inputs)
         return [Generation(self.text, tokens=len(self.text) // 4) for _ in inputs]
 

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 import engine.guard
-from engine.backends.base import Backend, Generation
+from engine.backends.base import Backend, Generation, Stops
 from engine.cache import RedisVerdictCache, encode_value
 from engine.guard import Guard
 from schemas.events import SCHEMA_VERSION
@@ -51,7 +51,9 @@ async def redis_client(redis_url: str, unique: str) -> AsyncIterator[tuple[Redis
 class Cut(Labelled):
     """Its output stops at the token cap."""
 
-    async def generate(self, inputs: Sequence[str], max_new_tokens: int) -> list[Generation]:
+    async def generate(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
         gens = await super().generate(inputs, max_new_tokens)
         return [Generation(g.text, tokens=g.tokens, finish_reason="length") for g in gens]
 

@@ -12,8 +12,21 @@ deduplicate identical requests (by cache key) and go to the backend with a timeo
 retries; their trusted verdicts are stored in the cache (an untrusted one, `Verdict.trusted`, is
 generated again next time rather than served for the cache's TTL). An engine failure never
 raises out of the guard: the request gets a verdict with `engine_error` set and no labels, and
-the caller applies its failure policy. A batch that keeps failing is split so that one poison
-input cannot take its neighbours down with it.
+the caller applies its failure policy. Retries, deadlines and the splitting of a batch that
+keeps failing (so that one poison input cannot take its neighbours down with it) are
+`engine.retry`'s, the one retry policy around every backend.
+
+**Admission.** An in-flight-batching backend (`Backend.batching == "inflight"`: TensorRT-LLM, a
+vLLM or trtllm-serve server) schedules every sequence on its own, a finished one freeing its
+place at once; a fixed batch sent to it would hold all its places until its longest output
+ended. So with `admission="request"` (what `"auto"` picks for such a backend) each miss is a
+model call of its own, started as soon as one of `max_sequences` places is free: no request
+waits for another's generation. A static-batching backend (`hf`, `replay`) gets micro-batches.
+
+**Early exit.** A prompt-only request (an input guard) is generated with the stop string
+`EARLY_EXIT_STOP`: the model writes Task 1, the request's verdict, and stops before reasoning
+about a response that does not exist (about 60% of its decode steps). Where the parser cannot
+read Task 1 from that prefix, the request is generated again in full (`GuardStats.regenerated`).
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from opentelemetry.trace import Tracer
 
@@ -30,7 +44,9 @@ from engine.backends.base import Backend, Generation
 from engine.batcher import BatcherClosed, MicroBatcher
 from engine.cache import VerdictCache, cache_key
 from engine.parser import CONFLICT_RULE, PARSER_VERSION, parse
-from engine.prompt import TEMPLATE_VERSION, build_model_input, user_texts
+from engine.prompt import EARLY_EXIT_STOP, TEMPLATE_VERSION, build_model_input, user_texts
+from engine.retry import RetryPolicy
+from engine.retry import generate as generate_with_retries
 from engine.tracing import BatchTrace, BatchTracer, Parent, current_parent
 from schemas.verdict import ModerationRequest, Verdict
 
@@ -102,9 +118,19 @@ class GuardStats:
     lookups: int = 0  # cache lookup batches
     batches: int = 0  # model batches
     tokens: int = 0  # generated tokens, as the backend counted them
+    early_exits: int = 0  # prompt-only verdicts read from Task 1 alone (generation stopped early)
+    regenerated: int = 0  # early-exit outputs whose Task 1 could not be read: generated in full
 
 
 BatchHook = Callable[[int, Sequence[float], float], None]
+Admission = Literal["auto", "batch", "request"]
+
+
+def admission_mode(admission: Admission, backend: Backend) -> Literal["batch", "request"]:
+    """`auto`: per request for an in-flight-batching backend, batches for a static one."""
+    if admission == "auto":
+        return "request" if backend.batching == "inflight" else "batch"
+    return admission
 
 
 class Guard:
@@ -121,24 +147,37 @@ class Guard:
         retries: int = 2,
         retry_backoff_s: float = 0.2,
         timeout_s: float = 120.0,
+        admission: Admission = "auto",
+        max_sequences: int = 256,
+        early_exit: bool = True,
         on_batch: BatchHook | None = None,
         tracer: Tracer | None = None,
     ) -> None:
+        if max_sequences < 1:
+            raise ValueError(f"max_sequences: expected >= 1, got {max_sequences}")
         self.backend = backend
         self.cache = cache
         self.max_new_tokens = max_new_tokens
         self.max_text_chars = max_text_chars
-        self.retries = retries
-        self.retry_backoff_s = retry_backoff_s
-        self.timeout_s = timeout_s
+        self.retry = RetryPolicy(retries=retries, backoff_s=retry_backoff_s, timeout_s=timeout_s)
+        self.early_exit = early_exit
+        #: "request": each miss goes to the backend on its own as soon as one of
+        #: `max_sequences` places is free (an in-flight engine schedules sequences, not
+        #: batches: a batch would hold every place until its longest output ends); "batch":
+        #: micro-batches of `max_batch_size`, `max_in_flight` at a time.
+        self.admission = admission_mode(admission, backend)
+        if self.admission == "request":
+            model_batch, model_wait_ms, model_slots = 1, 0.0, max_sequences
+        else:
+            model_batch, model_wait_ms, model_slots = max_batch_size, max_wait_ms, max_in_flight
         self.stats = GuardStats()
         self._on_batch = on_batch
         self._tracing = BatchTracer(tracer) if tracer is not None else None
         self._batcher: MicroBatcher[_Pending, ModerationResult] = MicroBatcher(
             self._process,
-            max_batch_size=max_batch_size,
-            max_wait_ms=max_wait_ms,
-            max_in_flight=max_in_flight,
+            max_batch_size=model_batch,
+            max_wait_ms=model_wait_ms,
+            max_in_flight=model_slots,
             key=lambda p: p.key,
             name="guard",
             on_duplicate=_join_parents if tracer is not None else None,
@@ -155,12 +194,13 @@ class Guard:
                 on_duplicate=_join_parents if tracer is not None else None,
             )
         # Requests between `submit` and their result. Hits leave within a round trip, so this
-        # bounds the misses waiting for the model: enough to fill every model slot twice over.
-        self._admission = asyncio.Semaphore(2 * max_batch_size * (max_in_flight + 1))
+        # bounds the misses waiting for the model: enough to fill every model place twice over.
+        self._admission = asyncio.Semaphore(2 * model_batch * (model_slots + 1))
         #: Everything besides the model and the texts that changes a verdict: part of its key.
+        #: (Early exit changes a prompt verdict's reasoning, so it is part of it too.)
         self.variant = (
             f"parser={PARSER_VERSION};conflicts={CONFLICT_RULE};max_new_tokens={max_new_tokens};"
-            f"max_text_chars={max_text_chars}"
+            f"max_text_chars={max_text_chars};early_exit={early_exit}"
         )
         self._generating: dict[str, asyncio.Future[ModerationResult]] = {}
         self._forwarding: set[asyncio.Task[None]] = set()
@@ -319,15 +359,38 @@ class Guard:
             for p in items
         ]
         inputs = [build_model_input(prompt, response) for prompt, response in texts]
+        early = [self.early_exit and p.request.response is None for p in items]
         t0 = time.monotonic()
-        generations = await self._generate(inputs)
+        generations = await self._generate(inputs, early)
+        verdicts = [
+            self._verdict(gen, p.request.response is not None, quoted, early_exit=cut)
+            for p, gen, quoted, cut in zip(items, generations, texts, early, strict=True)
+        ]
+        # An early-exit output whose Task 1 cannot be read is generated again in full (greedy:
+        # the same Task 1, then the final answer block the parser can read).
+        again = [
+            i
+            for i, (gen, v, cut) in enumerate(zip(generations, verdicts, early, strict=True))
+            if cut and gen.finish_reason == "stop" and not v.trusted
+        ]
+        if again:
+            self.stats.regenerated += len(again)
+            full = await self._generate([inputs[i] for i in again], None)
+            for i, gen in zip(again, full, strict=True):
+                generations[i] = _combined(generations[i], gen)
+                verdicts[i] = self._verdict(gen, False, texts[i], early_exit=False)
         generate_ms = (time.monotonic() - t0) * 1000
+        self.stats.early_exits += sum(getattr(v, "early_exit", False) for v in verdicts)
         if bt is not None:
             bt.generate(t0, t0 + generate_ms / 1000, [g.tokens for g in generations])
         results: list[ModerationResult] = []
         to_store: list[tuple[str, Verdict]] = []
-        for p, wait_ms, gen, quoted in zip(items, waits, generations, texts, strict=True):
-            verdict = self._verdict(gen, p.request.response is not None, quoted)
+        for p, wait_ms, gen, verdict in zip(items, waits, generations, verdicts, strict=True):
+            if gen.finish_reason == "error":
+                self.stats.engine_errors += 1
+            else:
+                self.stats.generated += 1
+                self.stats.tokens += gen.tokens or 0
             if verdict.trusted:  # an untrusted verdict is never served again: it is redone
                 to_store.append((p.key, verdict))
             results.append(
@@ -345,70 +408,38 @@ class Guard:
         return results
 
     def _verdict(
-        self, gen: Generation, has_response: bool, quoted: tuple[str, str | None]
+        self,
+        gen: Generation,
+        has_response: bool,
+        quoted: tuple[str, str | None],
+        *,
+        early_exit: bool,
     ) -> Verdict:
         if gen.finish_reason == "error":
-            self.stats.engine_errors += 1
             return Verdict(engine_error=gen.error or "engine error", raw=gen.text)
-        self.stats.generated += 1
-        self.stats.tokens += gen.tokens or 0
-        verdict = parse(gen.text, has_response=has_response, quoted=quoted)
+        if early_exit:  # TODO(early-exit parser): one call once parse takes early_exit
+            verdict = parse(
+                gen.text, has_response=has_response, quoted=quoted, early_exit=True
+            )  # type: ignore[call-arg,unused-ignore]
+        else:
+            verdict = parse(gen.text, has_response=has_response, quoted=quoted)
         if gen.finish_reason == "length":
             verdict = verdict.model_copy(update={"truncated": True})
         return verdict
 
-    async def _generate(self, inputs: list[str]) -> list[Generation]:
-        """Generate with timeout and retries. Inputs that still fail get error Generations; a
-        batch that fails as a whole is retried input by input to isolate a poison input."""
-        out: list[Generation | None] = [None] * len(inputs)
-        pending = list(range(len(inputs)))
-        batch_error: str | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                await asyncio.sleep(self.retry_backoff_s * 2 ** (attempt - 1))
-            try:
-                gens = await self._call([inputs[i] for i in pending])
-            except Exception as exc:  # noqa: BLE001 - any engine failure is retried
-                batch_error = _describe(exc)
-                log.warning(
-                    "engine failed on a batch of %d (attempt %d): %s",
-                    len(pending),
-                    attempt + 1,
-                    batch_error,
-                )
-                continue
-            batch_error = None
-            still = []
-            for i, gen in zip(pending, gens, strict=True):
-                out[i] = gen
-                if gen.finish_reason == "error":
-                    still.append(i)
-            pending = still
-            if not pending:
-                break
-        if batch_error is not None and len(pending) > 1:
-            singles = await asyncio.gather(
-                *(self._call([inputs[i]]) for i in pending), return_exceptions=True
-            )
-            for i, single in zip(pending, singles, strict=True):
-                if isinstance(single, BaseException):
-                    out[i] = Generation("", finish_reason="error", error=_describe(single))
-                else:
-                    out[i] = single[0]
-        elif batch_error is not None:
-            for i in pending:
-                out[i] = Generation("", finish_reason="error", error=batch_error)
-        return [g if g is not None else Generation("", finish_reason="error") for g in out]
-
-    async def _call(self, inputs: list[str]) -> list[Generation]:
-        async with asyncio.timeout(self.timeout_s):
-            gens = await self.backend.generate(inputs, self.max_new_tokens)
-        if len(gens) != len(inputs):
-            raise RuntimeError(f"backend returned {len(gens)} outputs for {len(inputs)} inputs")
-        return gens
+    async def _generate(self, inputs: list[str], early: list[bool] | None) -> list[Generation]:
+        """Generate under the retry policy (`engine.retry`); `early[i]`: input i stops at Task
+        2. Inputs that still fail get error Generations."""
+        stop = [EARLY_EXIT_STOP if cut else None for cut in early] if early else None
+        if stop is not None and not any(stop):
+            stop = None
+        return await generate_with_retries(
+            self.backend, inputs, self.max_new_tokens, stop, policy=self.retry
+        )
 
 
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "engine timed out"
-    return f"{type(exc).__name__}: {exc}"
+def _combined(early: Generation, full: Generation) -> Generation:
+    """The full generation, its token count the sum of both: what the verdict cost."""
+    if early.tokens is None or full.tokens is None:
+        return full
+    return Generation(full.text, early.tokens + full.tokens, full.finish_reason, full.error)

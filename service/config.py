@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     trtllm_kv_cache_free_gpu_memory_fraction: float = Field(0.85, gt=0, le=1)
     openai_base_url: str | None = None
     openai_api_key: SecretStr | None = None
-    openai_max_concurrency: int = Field(64, ge=1)
+    #: Requests in flight to the server at once; unset: engine_max_sequences.
+    openai_max_concurrency: int | None = Field(None, ge=1)
     #: The name the completions server serves the model under, sent as the request's "model";
     #: unset: GUARDSTREAM_MODEL.
     openai_served_model: str | None = Field(None, min_length=1)

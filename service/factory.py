@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from opentelemetry.trace import Tracer
 
@@ -42,7 +43,9 @@ def build_backend(settings: Settings) -> Backend:
             settings.model,
             revision,
             api_key=key.get_secret_value() if key else None,
-            max_concurrency=settings.openai_max_concurrency,
+            # Unset: the guard's budget of sequences, so that neither bound hides the other.
+            max_concurrency=settings.openai_max_concurrency or settings.engine_max_sequences,
+            max_connections=settings.openai_max_concurrency or settings.engine_max_sequences,
             timeout_s=settings.engine_timeout_s,
             served_model=settings.openai_served_model,
         )
@@ -56,7 +59,8 @@ def build_backend(settings: Settings) -> Backend:
         runtime=settings.trtllm_runtime,
         build_on_start=settings.trtllm_build_on_start,
         kv_cache_free_gpu_memory_fraction=settings.trtllm_kv_cache_free_gpu_memory_fraction,
-        max_batch_size=settings.batch_max_size,
+        # The engine's own bound on sequences decoding at once: the guard's budget.
+        max_batch_size=settings.engine_max_sequences,
     )
 
 
@@ -75,6 +79,23 @@ def build_cache(
     )
 
 
+def guard_options(settings: Settings) -> dict[str, Any]:
+    """The Guard's keyword arguments from the settings (every way of running a guard uses
+    these: the worker, `guardstream moderate`)."""
+    return {
+        "max_batch_size": settings.batch_max_size,
+        "max_wait_ms": settings.batch_max_wait_ms,
+        "max_in_flight": settings.batch_max_in_flight,
+        "max_new_tokens": settings.max_new_tokens,
+        "max_text_chars": settings.max_text_chars,
+        "retries": settings.engine_retries,
+        "timeout_s": settings.engine_timeout_s,
+        "admission": settings.admission,
+        "max_sequences": settings.engine_max_sequences,
+        "early_exit": settings.early_exit,
+    }
+
+
 def build_guard(
     settings: Settings,
     backend: Backend | None = None,
@@ -86,13 +107,7 @@ def build_guard(
     return Guard(
         backend or build_backend(settings),
         cache=build_cache(settings, on_state_change=on_cache_state),
-        max_batch_size=settings.batch_max_size,
-        max_wait_ms=settings.batch_max_wait_ms,
-        max_in_flight=settings.batch_max_in_flight,
-        max_new_tokens=settings.max_new_tokens,
-        max_text_chars=settings.max_text_chars,
-        retries=settings.engine_retries,
-        timeout_s=settings.engine_timeout_s,
         on_batch=on_batch,
         tracer=tracer,
+        **guard_options(settings),
     )

@@ -26,19 +26,28 @@ Stops = Sequence[str | None] | None
 
 
 class BackendError(Exception):
-    """The backend could not produce output for a whole batch (the guard retries, then applies
-    the failure policy)."""
+    """The backend could not produce output for a whole call (`engine.retry` retries it, then
+    the guard applies the failure policy). `retry_after`: a wait the server asked for."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)
 class Generation:
     """The generated text for one input. `finish_reason="length"` means cut at max_new_tokens;
-    `"error"` means this one input failed (`error` says why) while the rest of the batch ran."""
+    `"error"` means this one input failed (`error` says why) while the rest of the batch ran;
+    backends try once and say whether retrying may help, `engine.retry` does the retrying."""
 
     text: str
     tokens: int | None = None
     finish_reason: FinishReason = "stop"
     error: str | None = None
+    #: For an error: whether another attempt may mend it (`engine.retry` retries only these).
+    retryable: bool = True
+    #: For an error: the server asked for this long a wait before another attempt.
+    retry_after: float | None = None
 
 
 class Backend(abc.ABC):

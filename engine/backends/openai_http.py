@@ -1,16 +1,18 @@
 """The `openai_http` backend: any OpenAI-compatible completions server (trtllm-serve, vLLM).
 
 One `POST {base_url}/v1/completions` per input, `{"model", "prompt", "max_tokens",
-"temperature": 0, "top_p": 1}` (greedy), all of a batch in flight at once but never more than
-`max_concurrency` (an asyncio.Semaphore; the server's own scheduler does the batching). One
-`httpx.AsyncClient` with a keep-alive pool of `max_connections` serves every batch.
+"temperature": 0, "top_p": 1}` (greedy; `"stop": [...]` when the input has one), all of a
+batch in flight at once but never more than `max_concurrency` (an asyncio.Semaphore; the
+server's own scheduler does the batching). One `httpx.AsyncClient` with a keep-alive pool of
+`max_connections` serves every batch.
 
-Failures: 429, 5xx, connection errors and timeouts are retried `retries` times with exponential
-backoff and jitter (`backoff_s * 2**attempt`, times 0.5-1.5), or after the server's
-`Retry-After` when it sends one (capped at `timeout_s`). An input that still fails becomes a
-`Generation(finish_reason="error")`; only when every input of the batch failed to reach the
-server at all (connection refused or connect timeout) is it a `BackendError`, which the guard
-retries as a whole. Other 4xx answers are not retried.
+Failures: each input is tried once; 429, 5xx, connection errors and timeouts come back as a
+retryable error `Generation` (with the server's `Retry-After`, when it sends one), other 4xx and
+malformed answers as a final one, and `engine.retry`, the one retry policy around every
+backend, decides about another attempt. Only when every input of the call failed to reach the
+server at all (connection refused or connect timeout) is it a `BackendError`. A cancelled call
+(the retry policy's deadline, a shutdown) closes its HTTP requests, which vLLM and trtllm-serve
+take as an abort of the generation. Prompt-only requests may carry a stop string (`"stop"`).
 
 The request's `"model"` is `served_model`, the name the server serves the model under
 (trtllm-serve: the base name of the model folder it was started with, or the hub name; vLLM:
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -55,8 +56,15 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-def _error(message: str) -> Generation:
-    return Generation(text="", tokens=None, finish_reason="error", error=message)
+def _error(message: str, *, retryable: bool = True, retry_after: float | None = None) -> Generation:
+    return Generation(
+        text="",
+        tokens=None,
+        finish_reason="error",
+        error=message,
+        retryable=retryable,
+        retry_after=retry_after,
+    )
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -106,6 +114,7 @@ def _parse_completion(body: Any) -> Generation:
 
 class OpenAIHttpBackend(Backend):
     name = "openai_http"
+    batching = "inflight"
 
     def __init__(
         self,
@@ -116,8 +125,6 @@ class OpenAIHttpBackend(Backend):
         api_key: str | None = None,
         max_concurrency: int = 64,
         timeout_s: float = 120.0,
-        retries: int = 3,
-        backoff_s: float = 0.5,
         max_connections: int = 64,
         served_model: str | None = None,
     ) -> None:
@@ -127,15 +134,13 @@ class OpenAIHttpBackend(Backend):
         self.served_model = served_model or model_id
         if max_concurrency < 1 or max_connections < 1:
             raise ValueError("max_concurrency and max_connections: expected >= 1")
-        if timeout_s <= 0 or backoff_s < 0 or retries < 0:
-            raise ValueError("timeout_s > 0, backoff_s >= 0 and retries >= 0 expected")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s: expected > 0, got {timeout_s}")
         base = base_url.rstrip("/")
         # Accept both "http://host:8000" and "http://host:8000/v1".
         self.base_url = base[: -len("/v1")] if base.endswith("/v1") else base
         self.max_concurrency = max_concurrency
         self.timeout_s = timeout_s
-        self.retries = retries
-        self.backoff_s = backoff_s
         self.max_connections = max_connections
         self._api_key = api_key
         self._client: httpx.AsyncClient | None = None
@@ -204,8 +209,14 @@ class OpenAIHttpBackend(Backend):
     ) -> list[Generation]:
         if self._client is None or self._semaphore is None:
             raise BackendError("OpenAIHttpBackend.generate() called before start()")
+        stops = stop if stop is not None else [None] * len(inputs)
+        # Cancelling this call (the guard's deadline, a shutdown) cancels each request: httpx
+        # then closes its connection mid-request, which the server takes as an abort.
         outcomes = await asyncio.gather(
-            *(self._complete(self._client, self._semaphore, p, max_new_tokens) for p in inputs)
+            *(
+                self._complete(self._client, self._semaphore, p, max_new_tokens, s)
+                for p, s in zip(inputs, stops, strict=True)
+            )
         )
         if outcomes and all(o.unreachable for o in outcomes):
             raise BackendError(
@@ -214,46 +225,37 @@ class OpenAIHttpBackend(Backend):
             )
         return [o.generation for o in outcomes]
 
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.timeout_s)
-        return float(self.backoff_s * (2**attempt) * (0.5 + random.random()))
-
     async def _complete(
         self,
         client: httpx.AsyncClient,
         semaphore: asyncio.Semaphore,
         prompt: str,
         max_new_tokens: int,
+        stop: str | None,
     ) -> _Outcome:
-        body = {
+        """One attempt; `engine.retry` decides about another."""
+        body: dict[str, Any] = {
             "model": self.served_model,
             "prompt": prompt,
             "max_tokens": max_new_tokens,
             "temperature": 0,
             "top_p": 1,
         }
-        last = "no attempt made"
-        for attempt in range(self.retries + 1):
-            unreachable = False
-            retry_after: float | None = None
-            try:
-                async with semaphore:
-                    return _Outcome(await self._attempt(client, body))
-            except _Retryable as exc:
-                last, retry_after = str(exc), exc.retry_after
-            except _CONNECT_FAILURES as exc:
-                last, unreachable = f"cannot connect: {type(exc).__name__}: {exc}", True
-            except httpx.TimeoutException as exc:
-                last = f"timed out after {self.timeout_s}s ({type(exc).__name__})"
-            except httpx.TransportError as exc:
-                last = f"transport error: {type(exc).__name__}: {exc}"
-            except ValueError as exc:  # malformed answer: retrying will not help
-                return _Outcome(_error(str(exc)))
-            if attempt == self.retries:
-                return _Outcome(_error(f"{last} (after {attempt + 1} attempts)"), unreachable)
-            await asyncio.sleep(self._delay(attempt, retry_after))
-        return _Outcome(_error(last))  # pragma: no cover - the loop always returns
+        if stop is not None:
+            body["stop"] = [stop]
+        try:
+            async with semaphore:
+                return _Outcome(await self._attempt(client, body))
+        except _Retryable as exc:
+            return _Outcome(_error(str(exc), retry_after=exc.retry_after))
+        except _CONNECT_FAILURES as exc:
+            return _Outcome(_error(f"cannot connect: {type(exc).__name__}: {exc}"), True)
+        except httpx.TimeoutException as exc:
+            return _Outcome(_error(f"timed out after {self.timeout_s}s ({type(exc).__name__})"))
+        except httpx.TransportError as exc:
+            return _Outcome(_error(f"transport error: {type(exc).__name__}: {exc}"))
+        except ValueError as exc:  # malformed answer: retrying will not help
+            return _Outcome(_error(str(exc), retryable=False))
 
     async def _attempt(self, client: httpx.AsyncClient, body: dict[str, Any]) -> Generation:
         response = await client.post("/v1/completions", json=body)
@@ -264,5 +266,5 @@ class OpenAIHttpBackend(Backend):
                 retry_after=parse_retry_after(response.headers.get("Retry-After")),
             )
         if status != 200:
-            return _error(f"server answered {status}: {response.text[:200]}")
+            return _error(f"server answered {status}: {response.text[:200]}", retryable=False)
         return _parse_completion(response.json())

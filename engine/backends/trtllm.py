@@ -16,7 +16,9 @@ batches still running). Decoding is greedy (`temperature=0, top_k=1`, which is g
 1.x sampler) with `max_tokens` always set: its default, 32, would silently truncate the guard's
 reasoning. A too-long input raises `ValueError` from `generate_async`; that input alone becomes a
 `Generation(finish_reason="error")`. A batch that does not finish within `batch_timeout_s`
-raises `BackendError` and its unfinished requests are aborted.
+raises `BackendError` and its unfinished requests are aborted; so are a cancelled call's (the
+retry policy's deadline, a shutdown). A prompt-only input's stop string goes in its
+`SamplingParams(stop=...)`.
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ log = logging.getLogger(__name__)
 Runtime = Literal["engine", "pytorch"]
 
 
-def _error(message: str) -> Generation:
-    return Generation(text="", tokens=None, finish_reason="error", error=message)
+def _error(message: str, *, retryable: bool = True) -> Generation:
+    return Generation(
+        text="", tokens=None, finish_reason="error", error=message, retryable=retryable
+    )
 
 
 def _to_generation(result: Any) -> Generation:
@@ -76,7 +80,7 @@ async def _collect(pending: Any) -> Generation:
     try:
         result = await pending
     except ValueError as exc:
-        return _error(f"input rejected by tensorrt_llm: {exc}")
+        return _error(f"input rejected by tensorrt_llm: {exc}", retryable=False)
     except Exception as exc:  # noqa: BLE001 - one request's failure must not fail the batch
         return _error(f"tensorrt_llm request failed: {type(exc).__name__}: {exc}")
     return _to_generation(result)
@@ -99,6 +103,7 @@ def _abort_unfinished(pending: Sequence[Any]) -> int:
 
 class TrtllmBackend(Backend):
     name = "trtllm"
+    batching = "inflight"
 
     def __init__(
         self,
@@ -145,7 +150,7 @@ class TrtllmBackend(Backend):
         self.batch_timeout_s = batch_timeout_s
         self._trtllm: ModuleType | None = None
         self._llm: Any = None
-        self._sampling: dict[int, Any] = {}
+        self._sampling: dict[tuple[int, str | None], Any] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -269,14 +274,17 @@ class TrtllmBackend(Backend):
 
     # --- generation ----------------------------------------------------------------------------
 
-    def _sampling_params(self, max_new_tokens: int) -> Any:
-        params = self._sampling.get(max_new_tokens)
+    def _sampling_params(self, max_new_tokens: int, stop: str | None) -> Any:
+        params = self._sampling.get((max_new_tokens, stop))
         if params is None:
             assert self._trtllm is not None
-            params = self._trtllm.SamplingParams(
-                max_tokens=max_new_tokens, temperature=0.0, top_k=1
-            )
-            self._sampling[max_new_tokens] = params
+            options: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": 0.0, "top_k": 1}
+            if stop is not None:
+                # Matched on token ids: the string as the tokenizer encodes it on its own. The
+                # output leaves it out (include_stop_str_in_output defaults to False).
+                options["stop"] = [stop]
+            params = self._trtllm.SamplingParams(**options)
+            self._sampling[(max_new_tokens, stop)] = params
         return params
 
     async def generate(
@@ -286,15 +294,16 @@ class TrtllmBackend(Backend):
             raise BackendError("TrtllmBackend.generate() called before start()")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens: expected >= 1")
-        params = self._sampling_params(max_new_tokens)
+        stops = stop if stop is not None else [None] * len(inputs)
         results: list[Generation | None] = [None] * len(inputs)
         submitted: list[tuple[int, Any]] = []
         # Submit everything first: in-flight batching only sees requests that were submitted.
-        for index, prompt in enumerate(inputs):
+        for index, (prompt, stop_at) in enumerate(zip(inputs, stops, strict=True)):
+            params = self._sampling_params(max_new_tokens, stop_at)
             try:
                 submitted.append((index, self._llm.generate_async(prompt, params)))
             except ValueError as exc:
-                results[index] = _error(f"input rejected by tensorrt_llm: {exc}")
+                results[index] = _error(f"input rejected by tensorrt_llm: {exc}", retryable=False)
             except Exception as exc:  # noqa: BLE001 - one input's failure must not fail the batch
                 results[index] = _error(f"tensorrt_llm submit failed: {type(exc).__name__}: {exc}")
         if submitted:
@@ -308,6 +317,13 @@ class TrtllmBackend(Backend):
                     f"tensorrt_llm batch of {len(inputs)} timed out after {self.batch_timeout_s}s "
                     f"({unfinished} requests unfinished, aborted)"
                 ) from exc
+            except asyncio.CancelledError:
+                # The caller gave up (the retry policy's deadline, a shutdown): without an
+                # abort the engine would go on decoding these for nobody, beside their retry.
+                aborted = _abort_unfinished(pending)
+                if aborted:
+                    log.info("cancelled: aborted %d tensorrt_llm requests", aborted)
+                raise
             for (index, _), generation in zip(submitted, done, strict=True):
                 results[index] = generation
         return [g if g is not None else _error("no result") for g in results]

@@ -24,7 +24,7 @@ from engine.cache import MemoryVerdictCache
 from engine.guard import Guard, ModerationResult
 from schemas.verdict import ModerationRequest
 from service.config import Settings, SettingsError
-from service.factory import build_backend
+from service.factory import build_backend, guard_options
 from service.messages import is_flagged
 
 
@@ -61,17 +61,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _moderate(settings: Settings, lines: Iterable[str], out: TextIO, window: int) -> int:
-    guard = Guard(
-        build_backend(settings),
-        cache=MemoryVerdictCache(),
-        max_batch_size=settings.batch_max_size,
-        max_wait_ms=settings.batch_max_wait_ms,
-        max_in_flight=settings.batch_max_in_flight,
-        max_new_tokens=settings.max_new_tokens,
-        max_text_chars=settings.max_text_chars,
-        retries=settings.engine_retries,
-        timeout_s=settings.engine_timeout_s,
-    )
+    guard = Guard(build_backend(settings), cache=MemoryVerdictCache(), **guard_options(settings))
     await guard.start()
     errors = 0
     pending: deque[tuple[int, asyncio.Future[ModerationResult] | str]] = deque()

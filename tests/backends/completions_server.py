@@ -3,7 +3,10 @@
 It answers `POST /v1/completions` from replay data the test provides (prompt -> text), and
 `GET /v1/models`. The test can script faults per prompt (429 with Retry-After, 500, a hang past
 the client's timeout), and reads back what the server saw: every request with its arrival time,
-headers and TCP peer, and the highest number of requests it was serving at once.
+headers and TCP peer, the highest number of requests it was serving at once, and the requests
+whose client went away while they were still generating (`aborted`: vLLM and trtllm-serve abort
+such a generation). A `"stop"` list in the body cuts the reply before the first stop string, as
+those servers do.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class CompletionsServer:
     #: Prompts answered as cut at max_tokens.
     truncated: set[str] = field(default_factory=set)
     seen: list[Seen] = field(default_factory=list)
+    #: Prompts of requests whose connection closed while they were being answered.
+    aborted: list[str] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
     base_url: str = ""
@@ -107,26 +112,45 @@ class CompletionsServer:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            return await self._answer(prompt, body)
+            return await self._answer(prompt, body, request)
         finally:
             self.in_flight -= 1
 
-    async def _answer(self, prompt: str, body: dict[str, Any]) -> web.Response:
+    async def _generating(self, prompt: str, request: web.Request, seconds: float) -> bool:
+        """Wait `seconds` (or until released) as a generation would; False when the client
+        closed the connection meanwhile (recorded in `aborted`)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._release.is_set():
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                self.aborted.append(prompt)
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._release.wait(), timeout=0.01)
+        return True
+
+    async def _answer(
+        self, prompt: str, body: dict[str, Any], request: web.Request
+    ) -> web.Response:
         queue = self.faults.get(prompt)
         fault = queue.pop(0) if queue else None
         if fault is not None and fault.hang:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._release.wait(), timeout=30)
+            await self._generating(prompt, request, 30.0)
             return web.json_response({"error": "released"}, status=503)
         status = fault.status if fault is not None else self.always.get(prompt)
         if status is not None:
             headers = {"Retry-After": fault.retry_after} if fault and fault.retry_after else {}
             return web.json_response({"error": {"code": status}}, status=status, headers=headers)
-        await asyncio.sleep(self.delays.get(prompt, self.delay_s))
+        delay = self.delays.get(prompt, self.delay_s)
+        if delay and not await self._generating(prompt, request, delay):
+            return web.json_response({"error": "client gone"}, status=499)
         if prompt not in self.replies:
             return web.json_response({"error": f"no replay for {prompt!r}"}, status=404)
         max_tokens = int(body["max_tokens"])
         cut = prompt in self.truncated
+        text = self.replies[prompt]
+        for stop in body.get("stop") or []:
+            text = text.split(stop, 1)[0]
         return web.json_response(
             {
                 "id": "cmpl-1",
@@ -135,7 +159,7 @@ class CompletionsServer:
                 "choices": [
                     {
                         "index": 0,
-                        "text": self.replies[prompt],
+                        "text": text,
                         "finish_reason": "length" if cut else "stop",
                     }
                 ],

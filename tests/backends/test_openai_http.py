@@ -1,19 +1,24 @@
 """The `openai_http` backend against a real local HTTP server speaking the completions API.
 
 The server (tests/backends/completions_server.py) replays canned texts per prompt and can be
-scripted to answer 429 with Retry-After, 500, or hang past the client's timeout.
+scripted to answer 429 with Retry-After, 500, or hang past the client's timeout. The backend
+tries each input once and says whether another attempt may help; the retrying is
+`engine.retry`'s (the one policy around every backend), so the retry tests go through it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
-from engine.backends.base import BackendError
+from engine.backends.base import BackendError, Generation
 from engine.backends.openai_http import OpenAIHttpBackend, parse_retry_after
+from engine.retry import RetryPolicy
+from engine.retry import generate as generate_with_retries
 from tests.backends.completions_server import CompletionsServer, Fault
 
 REPLIES = {
@@ -30,10 +35,17 @@ async def server() -> AsyncIterator[CompletionsServer]:
 
 
 async def started(srv: CompletionsServer, **kwargs: object) -> OpenAIHttpBackend:
-    options: dict[str, object] = {"backoff_s": 0.01, "timeout_s": 5.0, **kwargs}
+    options: dict[str, object] = {"timeout_s": 5.0, **kwargs}
     backend = OpenAIHttpBackend(srv.base_url, "guard", **options)  # type: ignore[arg-type]
     await backend.start()
     return backend
+
+
+async def retried(
+    backend: OpenAIHttpBackend, prompts: list[str], retries: int, timeout_s: float = 5.0
+) -> list[Generation]:
+    policy = RetryPolicy(retries=retries, backoff_s=0.01, timeout_s=timeout_s)
+    return await generate_with_retries(backend, prompts, 64, policy=policy)
 
 
 async def test_texts_come_back_in_order_with_the_greedy_request_body(
@@ -79,17 +91,18 @@ async def test_the_connection_pool_is_reused(server: CompletionsServer) -> None:
 async def test_429_is_retried_after_retry_after(server: CompletionsServer) -> None:
     server.faults["prompt-1"] = [Fault(status=429, retry_after="1")]
     backend = await started(server)
-    generations = await backend.generate(["prompt-0", "prompt-1"], 64)
+    generations = await retried(backend, ["prompt-0", "prompt-1"], retries=2)
     await backend.close()
     assert [g.text for g in generations] == [REPLIES["prompt-0"], REPLIES["prompt-1"]]
+    assert len(server.requests_for("prompt-0")) == 1, "only the failed input is tried again"
     first, second = server.requests_for("prompt-1")
     assert second.at - first.at >= 0.9, "Retry-After: 1 must be honoured (backoff_s is 0.01)"
 
 
 async def test_a_persistent_500_becomes_an_error_generation(server: CompletionsServer) -> None:
     server.always["prompt-1"] = 500
-    backend = await started(server, retries=2)
-    ok, bad = await backend.generate(["prompt-0", "prompt-1"], 64)
+    backend = await started(server)
+    ok, bad = await retried(backend, ["prompt-0", "prompt-1"], retries=2)
     await backend.close()
     assert ok.finish_reason == "stop"
     assert bad.finish_reason == "error" and "500" in (bad.error or "")
@@ -98,8 +111,8 @@ async def test_a_persistent_500_becomes_an_error_generation(server: CompletionsS
 
 async def test_another_4xx_is_not_retried(server: CompletionsServer) -> None:
     server.always["prompt-1"] = 400
-    backend = await started(server, retries=3)
-    [bad] = await backend.generate(["prompt-1"], 64)
+    backend = await started(server)
+    [bad] = await retried(backend, ["prompt-1"], retries=3)
     await backend.close()
     assert bad.finish_reason == "error" and "400" in (bad.error or "")
     assert len(server.requests_for("prompt-1")) == 1
@@ -108,8 +121,8 @@ async def test_another_4xx_is_not_retried(server: CompletionsServer) -> None:
 async def test_a_hang_times_out_is_retried_then_errors(server: CompletionsServer) -> None:
     server.faults["prompt-1"] = [Fault(hang=True), Fault(hang=True)]
     server.faults["prompt-2"] = [Fault(hang=True)]
-    backend = await started(server, timeout_s=0.3, retries=1)
-    ok, hung, recovered = await backend.generate(["prompt-0", "prompt-1", "prompt-2"], 64)
+    backend = await started(server, timeout_s=0.3)
+    ok, hung, recovered = await retried(backend, ["prompt-0", "prompt-1", "prompt-2"], retries=1)
     await backend.close()
     assert ok.text == REPLIES["prompt-0"]
     assert hung.finish_reason == "error" and "timed out" in (hung.error or "")
@@ -122,8 +135,8 @@ async def test_bearer_token_is_sent_and_never_logged(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     server.always["prompt-2"] = 503
-    backend = await started(server, api_key="sekrit-token-123", retries=1)
-    await backend.generate(["prompt-0", "prompt-2"], 64)
+    backend = await started(server, api_key="sekrit-token-123")
+    await retried(backend, ["prompt-0", "prompt-2"], retries=1)
     await backend.close()
     assert {s.authorization for s in server.seen} == {"Bearer sekrit-token-123"}
     assert "sekrit-token-123" not in caplog.text
@@ -156,9 +169,7 @@ def _closed_port() -> int:
 async def test_unreachable_server_warns_at_start_and_fails_the_batch(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    backend = OpenAIHttpBackend(
-        f"http://127.0.0.1:{_closed_port()}/v1", "guard", retries=1, backoff_s=0.01
-    )
+    backend = OpenAIHttpBackend(f"http://127.0.0.1:{_closed_port()}/v1", "guard")
     with caplog.at_level(logging.WARNING, logger="engine.backends.openai_http"):
         await backend.start()  # does not raise
     assert "not reachable" in caplog.text
@@ -181,7 +192,7 @@ async def test_the_served_model_name_is_sent_and_probed_model_id_stays(
     server: CompletionsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     served = server.model = "GuardReasoner-1B"  # trtllm-serve lists a model folder's name
-    unnamed = OpenAIHttpBackend(server.base_url, "org/GuardReasoner-1B", retries=0)
+    unnamed = OpenAIHttpBackend(server.base_url, "org/GuardReasoner-1B")
     await unnamed.start()
     [refused] = await unnamed.generate(["prompt-5"], 16)
     await unnamed.close()
@@ -205,3 +216,49 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
     assert parse_retry_after("soon") is None
     assert parse_retry_after(None) is None
+
+
+async def test_a_stop_string_is_sent_per_input_and_the_text_ends_before_it(
+    server: CompletionsServer,
+) -> None:
+    backend = await started(server)
+    cut, whole = await backend.generate(["prompt-3", "prompt-4"], 64, [" #", None])
+    await backend.close()
+    assert server.requests_for("prompt-3")[0].body["stop"] == [" #"]
+    assert "stop" not in server.requests_for("prompt-4")[0].body
+    assert cut.text == REPLIES["prompt-3"].split(" #")[0] and cut.finish_reason == "stop"
+    assert whole.text == REPLIES["prompt-4"]
+
+
+async def test_a_cancelled_call_closes_its_requests_on_the_server(
+    server: CompletionsServer,
+) -> None:
+    server.delays["prompt-1"] = 10.0
+    backend = await started(server)
+    call = asyncio.create_task(backend.generate(["prompt-0", "prompt-1"], 64))
+    async with asyncio.timeout(5):
+        while not server.requests_for("prompt-1"):
+            await asyncio.sleep(0.01)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    async with asyncio.timeout(5):  # the server sees the connection close: it stops generating
+        while "prompt-1" not in server.aborted:
+            await asyncio.sleep(0.01)
+    await backend.close()
+    assert server.aborted == ["prompt-1"]
+
+
+async def test_the_retry_policys_deadline_aborts_the_request_before_its_retry(
+    server: CompletionsServer,
+) -> None:
+    server.faults["prompt-1"] = [Fault(hang=True)]
+    backend = await started(server, timeout_s=30.0)  # the client's own timeout is not it
+    [gen] = await retried(backend, ["prompt-1"], retries=1, timeout_s=0.3)
+    async with asyncio.timeout(5):
+        while "prompt-1" not in server.aborted:
+            await asyncio.sleep(0.01)
+    await backend.close()
+    assert gen.text == REPLIES["prompt-1"], "the retry after the deadline succeeds"
+    first, second = server.requests_for("prompt-1")
+    assert second.at - first.at >= 0.3

@@ -39,6 +39,8 @@ import pytest
 
 from engine.backends.base import BackendError
 from engine.backends.trtllm import TrtllmBackend
+from engine.retry import RetryPolicy
+from engine.retry import generate as generate_with_retries
 from engine.trtllm_manifest import MANIFEST_NAME, TrtllmSetupError
 from tests.backends.fake_trtllm import Recorder
 from tests.backends.test_trtllm_build_contract import MODEL, build_cli
@@ -261,6 +263,38 @@ async def test_a_batch_timeout_is_a_backend_error_and_aborts(
     assert ("abort", "stuck") in trtllm.events
     assert ("abort", "fine") not in trtllm.events, "finished requests are left alone"
     await asyncio.sleep(0)
+
+
+async def test_a_stop_string_goes_in_that_inputs_sampling_params(
+    trtllm: Recorder, started: TrtllmBackend
+) -> None:
+    await started.generate(["prompt-only", "with-response"], 64, ["\n# Task 2", None])
+    params = {tuple(c.kwargs.get("stop") or ()) for c in trtllm.named("SamplingParams")}
+    assert params == {("\n# Task 2",), ()}, trtllm.named("SamplingParams")
+
+
+async def test_a_cancelled_call_aborts_its_unfinished_requests(
+    trtllm: Recorder, started: TrtllmBackend
+) -> None:
+    trtllm.hang.add("stuck")
+    call = asyncio.create_task(started.generate(["fine", "stuck"], 16))
+    while ("await", "stuck") not in trtllm.events:
+        await asyncio.sleep(0)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert ("abort", "stuck") in trtllm.events, "the engine must stop decoding it"
+
+
+async def test_the_retry_deadline_aborts_a_request_before_it_is_retried(
+    trtllm: Recorder, started: TrtllmBackend
+) -> None:
+    trtllm.hang.add("stuck")
+    policy = RetryPolicy(retries=1, backoff_s=0.0, timeout_s=0.2)
+    [gen] = await generate_with_retries(started, ["stuck"], 16, policy=policy)
+    assert gen.finish_reason == "error" and "timed out" in (gen.error or "")
+    stuck = [kind for kind, prompt in trtllm.events if prompt == "stuck"]
+    assert stuck == ["submit", "await", "abort", "submit", "await", "abort"], stuck
 
 
 async def test_generate_before_start_is_a_backend_error(tmp_path: Path) -> None:

@@ -44,8 +44,10 @@ async def _moderate(behaviour: Compose, prompt: str, response: str | None) -> Ve
         result = await guard.moderate(ModerationRequest(prompt=prompt, response=response))
     finally:
         await guard.close()
-    # the user's text really was in what the model was given
-    assert backend.inputs == [build_model_input(prompt, response)]
+    # the user's text really was in what the model was given (twice when an early-exit output of
+    # a prompt-only request could not be read: it is generated again in full)
+    assert set(backend.inputs) == {build_model_input(prompt, response)}
+    assert len(backend.inputs) <= (2 if response is None else 1)
     return result.verdict
 
 

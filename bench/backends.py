@@ -22,8 +22,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
-from engine.backends.base import Backend, Generation, Stops
+from engine.backends.base import Backend, Batching, Generation, Stops
 from engine.backends.replay import approx_tokens
 
 
@@ -37,19 +38,32 @@ class HashReplayBackend(Backend):
         digest = hashlib.sha256("\x1e".join(self.outputs).encode()).hexdigest()[:12]
         super().__init__(model_id, f"hash-{digest}")
 
-    def answer(self, model_input: str, max_new_tokens: int) -> Generation:
+    def answer(self, model_input: str, max_new_tokens: int, stop: str | None = None) -> Generation:
+        """The recorded output chosen by the input's hash, as an engine would return it: cut
+        before `stop` where the output holds it (finish "stop"; the stop string's tokens are
+        counted, since an engine decodes them before it can match them), else at
+        `max_new_tokens` (finish "length")."""
         h = int.from_bytes(hashlib.blake2b(model_input.encode(), digest_size=8).digest(), "big")
-        text = self.outputs[h % len(self.outputs)]
-        tokens = approx_tokens(text)
-        if tokens > max_new_tokens:
-            text = text[: max_new_tokens * 4]
+        full = text = decoded = self.outputs[h % len(self.outputs)]
+        if stop:
+            at = full.find(stop)
+            if at >= 0:
+                text, decoded = full[:at], full[: at + len(stop)]
+        if approx_tokens(decoded) > max_new_tokens:
+            text = full[: max_new_tokens * 4]
             return Generation(text, approx_tokens(text), "length")
-        return Generation(text, tokens, "stop")
+        return Generation(text, approx_tokens(decoded), "stop")
+
+    def answers(
+        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+    ) -> list[Generation]:
+        stops = list(stop) if stop is not None else [None] * len(inputs)
+        return [self.answer(x, max_new_tokens, s) for x, s in zip(inputs, stops, strict=True)]
 
     async def generate(
         self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
     ) -> list[Generation]:
-        out = [self.answer(x, max_new_tokens) for x in inputs]
+        out = self.answers(inputs, max_new_tokens, stop)
         await asyncio.sleep(0)
         return out
 
@@ -70,7 +84,7 @@ class StandInBackend(HashReplayBackend):
     async def generate(
         self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
     ) -> list[Generation]:
-        out = [self.answer(x, max_new_tokens) for x in inputs]
+        out = self.answers(inputs, max_new_tokens, stop)
         await asyncio.sleep(self.cost_ms(len(inputs)) / 1000)
         return out
 
@@ -86,7 +100,15 @@ class Counting(Backend):
     """Delegates to `inner`, counting calls and inputs; `dump(path)` writes the counts.
 
     `salt`, when given, is appended to the revision, and so goes into every cache key: a worker
-    with a fresh salt starts with a cold cache without touching anyone else's keys."""
+    with a fresh salt starts with a cold cache without touching anyone else's keys.
+
+    It schedules as `inner` does (`batching`, a class attribute: an in-flight backend is wrapped
+    in the subclass `_CountingInflight`), so that the guard's `auto` admission sees through it."""
+
+    def __new__(cls, inner: Backend, salt: str = "") -> Counting:
+        if cls is Counting and inner.batching == "inflight":
+            cls = _CountingInflight
+        return super().__new__(cls)
 
     def __init__(self, inner: Backend, salt: str = "") -> None:
         revision = f"{inner.revision}+bench-{salt}" if salt else inner.revision
@@ -109,7 +131,12 @@ class Counting(Backend):
         self.stats.max_batch = max(self.stats.max_batch, len(inputs))
         return await self.inner.generate(inputs, max_new_tokens, stop)
 
-    def dump(self, path: Path) -> None:
+    def dump(self, path: Path, extra: dict[str, Any] | None = None) -> None:
+        """Write the counts (and `extra`) to `path` as JSON, atomically."""
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self.stats)))
+        tmp.write_text(json.dumps({**asdict(self.stats), **(extra or {})}))
         tmp.replace(path)
+
+
+class _CountingInflight(Counting):
+    batching: ClassVar[Batching] = "inflight"

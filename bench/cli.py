@@ -5,6 +5,11 @@ Redis. Prints tables, writes `results.json` and PNG plots into `--out` (default 
     guardstream bench --quick          # a smoke run, under two minutes
     guardstream bench --engine hf --model DIR      # on real generation (transformers)
     guardstream bench --engine hf --model tiny     # ... with a tiny random Llama built here
+    guardstream bench --scenarios utilisation --out bench/results/utilisation   # issue 17
+
+Scenario 5, utilisation (not in the default set; ~10 minutes), runs the worker on a simulated
+in-flight-batching engine (`bench.sim_engine`, preset --util-preset) and compares what the
+service delivers, per admission mode, with the engine fed directly (`bench.utilisation`).
 
 The model stand-in (scenarios 2-4 with the replay engine) sleeps a + b * batch_size per batch.
 Its defaults, a = 500 ms and b = 3 ms, are a GuardReasoner-1B-sized guess for one H100 with
@@ -52,7 +57,16 @@ QUICK: dict[str, Any] = {
     "repeat_fractions": "0,0.5",
     "cache_modes": "on",
     "cache_in_flight": 2,
+    "util_modes": "batch:32x2,request",
+    "util_loads": "0.5,1.2",
+    "util_seconds": 6.0,
+    "util_settle_seconds": 2.0,
+    "util_drain_seconds": 40.0,
+    "util_max_new_tokens": 512,
+    "util_capacity_sample": 1000,
+    "util_warmup_turns": 2,
 }
+SCENARIOS = ("overhead", "latency", "batching", "cache", "utilisation")
 
 
 def _floats(text: str) -> list[float]:
@@ -69,7 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scenarios",
         default="overhead,latency,batching,cache",
-        help="which to run, comma-separated (default: all four)",
+        help="which to run, comma-separated, of overhead, latency, batching, cache and "
+        "utilisation (default: the first four)",
     )
     g.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "out", help="output folder")
     g.add_argument(
@@ -170,6 +185,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "batches of 32 at ~0.6 s: ~210 msg/s, well under what the worker itself carries)",
     )
 
+    g = p.add_argument_group("5. utilisation (a simulated in-flight engine, issue 17)")
+    g.add_argument(
+        "--util-preset",
+        default="8B-H100",
+        help="simulated engine preset, MODEL-GPU (1B/3B/8B, H100/H200). 8B-H100: ~50 verdicts/s "
+        "for the pairs mix, which this bench drives through Kafka with CPU to spare, and decode "
+        "steps of 8-16 ms, long against a busy event loop's late wake-ups",
+    )
+    g.add_argument("--util-mix", choices=["pairs", "prompts"], default="pairs")
+    g.add_argument(
+        "--util-modes",
+        default="batch:32x2,batch:16x16,request",
+        help="admission modes, comma-separated: batch:SIZExIN_FLIGHT, request (the preset's max "
+        "sequences) or request:N",
+    )
+    g.add_argument(
+        "--util-loads",
+        default="0.25,0.5,0.75,1.0,1.2",
+        help="offered loads, fractions of the engine's capacity for the mix",
+    )
+    g.add_argument("--util-seconds", type=float, default=24.0, help="seconds per load level")
+    g.add_argument(
+        "--util-settle-seconds",
+        type=float,
+        default=5.0,
+        help="delivered throughput is counted from this many seconds into each level",
+    )
+    g.add_argument(
+        "--util-drain-seconds",
+        type=float,
+        default=45.0,
+        help="after the last level: the longest wait for the last verdicts",
+    )
+    g.add_argument(
+        "--util-max-new-tokens",
+        type=int,
+        default=None,
+        help="generation cap (default: the service's, GUARDSTREAM_MAX_NEW_TOKENS's default)",
+    )
+    g.add_argument("--util-capacity-sample", type=int, default=3000)
+    g.add_argument("--util-seed", type=int, default=17)
+    g.add_argument("--util-warmup-turns", type=int, default=5)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -248,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = benchmark_prompts(shared)
     outputs = shared / "predictions" / "1B"
     wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(wanted) - {"overhead", "latency", "batching", "cache"}
+    unknown = set(wanted) - set(SCENARIOS)
     if unknown:
         print(f"bench: unknown scenario(s) {sorted(unknown)}", file=sys.stderr)
         return 2
@@ -339,6 +397,11 @@ def run(args: argparse.Namespace) -> int:
         code_root=args.code,
         keep_logs=args.keep_logs,
     )
+    try:
+        uplan = _utilisation_plan(args, shared) if "utilisation" in wanted else None
+    except ValueError as err:
+        print(f"bench: {err}", file=sys.stderr)
+        return 2
     results: dict[str, Any] = {
         "meta": {
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -351,6 +414,10 @@ def run(args: argparse.Namespace) -> int:
             "plan": {k: v for k, v in vars(plan).items() if k != "cost_ms"},
         }
     }
+    if uplan is not None:
+        results["meta"]["utilisation_plan"] = {
+            k: str(v) if isinstance(v, Path) else v for k, v in vars(uplan).items()
+        }
     # results are committed and shared: no path of the machine that made them
     results["meta"] = portable(results["meta"], {shared: "<shared>", Path.cwd(): "."})
 
@@ -372,6 +439,12 @@ def run(args: argparse.Namespace) -> int:
     if "cache" in wanted:
         say("4. cache and dedupe")
         results["cache"] = scenarios.cache(env, plan, prompts, say)
+    if uplan is not None:
+        from bench import utilisation
+
+        say("5. engine utilisation")
+        u = utilisation.utilisation(env, uplan, shared, say)
+        results["utilisation"] = portable(u, {shared: "<shared>"})
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
     text = report.tables(results)
     say("\n" + text)
@@ -381,6 +454,37 @@ def run(args: argparse.Namespace) -> int:
     say(f"wrote {out / 'results.json'}, {out / 'results.md'}, " + ", ".join(str(p) for p in pngs))
     say(f"bench: done in {results['meta']['seconds']:.0f} s")
     return 0
+
+
+def _utilisation_plan(args: argparse.Namespace, shared: Path) -> Any:
+    """The utilisation scenario's plan; ValueError names a bad --util-* option."""
+    from bench.sim_engine import preset_named
+    from bench.utilisation import UtilisationPlan, parse_modes
+    from service.config import Settings
+
+    parse_modes(args.util_modes, preset_named(args.util_preset))
+    loads = _floats(args.util_loads)
+    if not loads or min(loads) <= 0:
+        raise ValueError(f"--util-loads: expected fractions > 0, got {args.util_loads!r}")
+    if not 0 <= args.util_settle_seconds < args.util_seconds:
+        raise ValueError("--util-settle-seconds must be >= 0 and below --util-seconds")
+    defaults = Settings.model_fields
+    return UtilisationPlan(
+        preset=args.util_preset,
+        mix=args.util_mix,
+        modes=args.util_modes,
+        loads=loads,
+        level_seconds=args.util_seconds,
+        settle_seconds=args.util_settle_seconds,
+        drain_seconds=args.util_drain_seconds,
+        max_new_tokens=args.util_max_new_tokens or defaults["max_new_tokens"].default,
+        max_text_chars=defaults["max_text_chars"].default,
+        early_exit=defaults["early_exit"].default,
+        capacity_sample=args.util_capacity_sample,
+        seed=args.util_seed,
+        warmup_turns=args.util_warmup_turns,
+        outputs_root=shared / "predictions",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,13 +65,15 @@ class Received:
 @dataclass
 class Collector:
     """Reads `topic` (of `partitions` partitions, all assigned by hand, no group) from the
-    beginning and keeps
-    the first record of each key with its arrival time."""
+    beginning and keeps the first record of each key with its arrival time. With
+    `by_source_id` a record's key is its verdict event's `source_id` instead of its Kafka key
+    (a prompt's and its response's verdicts share the conversation's Kafka key)."""
 
     bootstrap: str
     topic: str
     partitions: int
     keep_values: bool = True
+    by_source_id: bool = False
     records: dict[bytes, Received] = field(default_factory=dict)
     duplicates: int = 0
     _consumer: AIOKafkaConsumer | None = None
@@ -101,7 +103,7 @@ class Collector:
             got = 0
             for recs in batches.values():
                 for r in recs:
-                    key = r.key or b""
+                    key = self._key(r.key, r.value)
                     if key in self.records:
                         self.duplicates += 1
                         continue
@@ -116,6 +118,14 @@ class Collector:
                 if self.on_record is not None:
                     self.on_record(got)
                 self._changed.set()
+
+    def _key(self, key: bytes | None, value: bytes) -> bytes:
+        if self.by_source_id:
+            try:
+                return str(json.loads(value)["source_id"]).encode()
+            except (ValueError, KeyError, TypeError):
+                return b""
+        return key or b""
 
     async def wait_for(self, keys: Sequence[bytes], timeout: float) -> bool:
         """True once every key in `keys` arrived; False after `timeout` seconds."""

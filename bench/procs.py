@@ -52,6 +52,12 @@ class Proc:
                 self.proc.wait()
         return self.proc.returncode
 
+    def kill(self) -> None:
+        """SIGKILL, at once (a worker with a backlog it would take minutes to drain)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def cpu_seconds(self) -> float:
         """User + system CPU time the process has used so far (Linux /proc)."""
         if self.proc is None:
@@ -129,8 +135,14 @@ class WorkerProc(Proc):
         raise TimeoutError(f"worker not ready in {timeout:.0f}s:\n{self.tail()}")
 
     def model_calls(self) -> dict[str, int]:
+        stats = self.stats()
+        return {k: int(stats.get(k, 0)) for k in ("calls", "inputs", "max_batch")}
+
+    def stats(self) -> dict[str, Any]:
+        """The worker's model-call counts, and with the simulated engine its counters under
+        "engine" (`bench.worker` writes them every 0.2 s)."""
         try:
-            data: dict[str, int] = json.loads(self.stats_path.read_text())
+            data: dict[str, Any] = json.loads(self.stats_path.read_text())
             return data
         except (OSError, ValueError):
             return {"calls": 0, "inputs": 0, "max_batch": 0}

@@ -190,6 +190,10 @@ def tables(results: dict[str, Any]) -> str:
             )
         )
         out.append("")
+    if "utilisation" in results:
+        from bench import report_utilisation
+
+        out.append(report_utilisation.text(results["utilisation"]))
     return "\n".join(out)
 
 
@@ -310,4 +314,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         ax1.set_title("Model calls avoided")
         ax2.set_title("Throughput")
         save(fig, "cache.png")
+    if "utilisation" in results:
+        from bench import report_utilisation
+
+        written.extend(report_utilisation.plot(results["utilisation"], out))
     return written

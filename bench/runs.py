@@ -46,6 +46,7 @@ class Target:
     output_topic: str
     proc: Proc
     worker: WorkerProc | None = None
+    responses_topic: str | None = None  # a worker's: where response events go
 
 
 @dataclass
@@ -110,7 +111,14 @@ def worker_target(
     ok = False
     try:
         proc.wait_ready()
-        yield Target("worker", topics["topic_prompts"], topics["topic_verdicts"], proc, proc)
+        yield Target(
+            "worker",
+            topics["topic_prompts"],
+            topics["topic_verdicts"],
+            proc,
+            proc,
+            topics["topic_responses"],
+        )
         ok = True
     finally:
         proc.stop()

@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import ClassVar, Protocol
 
 from bench.backends import HashReplayBackend
-from engine.backends.base import Generation, Stops
+from engine.backends.base import Batching, Generation, Stops
 from engine.backends.replay import approx_tokens
 
 GB = 1e9
@@ -131,12 +134,27 @@ def preset(model: str, gpu: str, **changes: float) -> EngineModel:
     return replace(EngineModel(MODELS[model], GPUS[gpu]), **changes)  # type: ignore[arg-type]
 
 
+PRESET_NAMES = [f"{m}-{g}" for m in MODELS for g in GPUS]
+
+
+def preset_named(name: str) -> EngineModel:
+    """A preset by its short name, MODEL-GPU: `8B-H100`, `1B-H200`, ... (see PRESET_NAMES)."""
+    model, _, gpu = name.strip().upper().partition("-")
+    if model not in MODELS or gpu not in GPUS:
+        raise ValueError(
+            f"unknown simulated engine preset {name!r}; expected one of {PRESET_NAMES}"
+        )
+    return preset(model, gpu)
+
+
 @dataclass(eq=False)
 class _Sequence:
     prompt_tokens: int
     steps: int  # decode steps to run (its output's tokens)
     done: asyncio.Future[None]
+    arrival: float  # on the engine's clock: admitted at the first step boundary from then
     generated: int = 0
+    finished: float = math.nan  # on the engine's clock: the end of its last step
 
     @property
     def reserve(self) -> int:
@@ -147,34 +165,79 @@ class _Sequence:
 class EngineStats:
     steps: int = 0
     sequences: int = 0
+    aborted: int = 0  # sequences whose call was cancelled before they finished
     busy_s: float = 0.0  # simulated time spent in steps
     max_running: int = 0
     running_sum: int = field(default=0, repr=False)  # sum over steps of running sequences
+    #: real time only: how late the step results were delivered, summed and at most (the
+    #: event loop was busy elsewhere when a step ended; the next step is not delayed by it)
+    lag_sum_s: float = 0.0
+    lag_max_s: float = 0.0
 
     @property
     def mean_running(self) -> float:
         return self.running_sum / self.steps if self.steps else 0.0
 
 
+class Clock(Protocol):
+    """The time a simulated engine runs on."""
+
+    def time(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class RealClock:
+    """Wall time (monotonic): the engine paces the service as the GPU would."""
+
+    def time(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class VirtualClock:
+    """Simulated time for the engine loop: `sleep` advances it and yields once."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
 class SimulatedInflightBackend(HashReplayBackend):
     """A `Backend` that answers with recorded outputs at the pace of `engine`'s model.
 
-    `sleep` is how a step's time passes: `asyncio.sleep` (real time, to benchmark the service as
-    if on the GPU) or a virtual clock's (tests, the capacity figure)."""
+    `clock` is how a step's time passes: `RealClock` (the default: to benchmark the service as
+    if on the GPU) or a `VirtualClock` (tests, the engine-alone figures). On real time each step
+    ends at its modelled time after the previous one, however late the event loop wakes (a GPU
+    does not wait for the CPU's loop): a late wake-up delays the delivery of that step's
+    results (`EngineStats.lag_*`), not the engine. A cancelled call's sequences leave the
+    engine at once (an abort), freeing their places.
+
+    `stop[i]` ends input i's recorded output before that string (the string is decoded, so its
+    tokens count as decode steps, but left out of the text; see `HashReplayBackend.answer`)."""
 
     name = "sim_inflight"
+    batching: ClassVar[Batching] = "inflight"
 
     def __init__(
         self,
         outputs: Sequence[str],
         engine: EngineModel,
         *,
-        sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+        clock: Clock | None = None,
     ) -> None:
         super().__init__(outputs, model_id=engine.model.name)
         self.engine = engine
         self.revision = f"{self.revision}+{engine.name}"
-        self._sleep = sleep
+        self.clock: Clock = clock or RealClock()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._reserved = 0
@@ -202,23 +265,49 @@ class SimulatedInflightBackend(HashReplayBackend):
         self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
     ) -> list[Generation]:
         await self.start()
-        answers = [self.answer(x, max_new_tokens) for x in inputs]
-        loop = asyncio.get_running_loop()
-        seqs = [
-            _Sequence(approx_tokens(x), max(1, a.tokens or 1), loop.create_future())
-            for x, a in zip(inputs, answers, strict=True)
-        ]
-        self._waiting.extend(seqs)
-        self._wake.set()
-        await asyncio.gather(*(s.done for s in seqs))
+        answers = self.answers(inputs, max_new_tokens, stop)
+        now = self.clock.time()
+        seqs = [self._enqueue(x, a, now) for x, a in zip(inputs, answers, strict=True)]
+        try:
+            await asyncio.gather(*(s.done for s in seqs))
+        except BaseException:
+            self._abort(seqs)
+            raise
         return answers
 
-    def _admit(self) -> list[_Sequence]:
+    def _enqueue(self, model_input: str, answer: Generation, arrival: float) -> _Sequence:
+        """Queue one sequence arriving at `arrival` (queued in arrival order)."""
+        done = asyncio.get_running_loop().create_future()
+        seq = _Sequence(approx_tokens(model_input), max(1, answer.tokens or 1), done, arrival)
+        self._waiting.append(seq)
+        self._wake.set()
+        return seq
+
+    def _abort(self, seqs: Sequence[_Sequence]) -> None:
+        for seq in seqs:
+            if seq.generated >= seq.steps:
+                continue  # finished
+            if seq in self._running:
+                self._running.remove(seq)
+                self._reserved -= seq.reserve
+            elif seq in self._waiting:
+                self._waiting.remove(seq)
+            else:
+                continue
+            self.stats.aborted += 1
+            if not seq.done.done():
+                seq.done.cancel()
+
+    def _admit(self, at: float) -> list[_Sequence]:
+        """Sequences that arrived by `at` join the running ones, while places and KV memory
+        last (a lone sequence is always admitted)."""
         engine, admitted = self.engine, []
         while self._waiting and len(self._running) < engine.max_sequences:
             seq = self._waiting[0]
+            if seq.arrival > at:
+                break
             if self._running and self._reserved + seq.reserve > engine.kv_token_budget:
-                break  # waits for KV memory (a lone sequence is always admitted)
+                break  # waits for KV memory
             self._waiting.popleft()
             self._running.append(seq)
             self._reserved += seq.reserve
@@ -226,41 +315,48 @@ class SimulatedInflightBackend(HashReplayBackend):
         return admitted
 
     async def _run(self) -> None:
-        engine = self.engine
+        engine, clock, stats = self.engine, self.clock, self.stats
+        end = clock.time()  # when the last step ended
         while True:
             if not self._running and not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()
-            admitted = self._admit()
+                continue
+            # a step starts when the last one ended; an idle engine starts at once, or when
+            # the first waiting sequence arrives
+            start = end if self._running else max(clock.time(), self._waiting[0].arrival)
+            if start > clock.time():
+                await clock.sleep(start - clock.time())
+            admitted = self._admit(start)
+            if not self._running:
+                continue
             context = sum(s.prompt_tokens + s.generated for s in self._running)
             step = engine.step_s(context) + sum(engine.prefill_s(s.prompt_tokens) for s in admitted)
-            await self._sleep(step)
-            self.stats.steps += 1
-            self.stats.busy_s += step
-            self.stats.running_sum += len(self._running)
-            self.stats.max_running = max(self.stats.max_running, len(self._running))
+            end = start + step
+            delay = end - clock.time()
+            if delay > 0:
+                await clock.sleep(delay)
+            else:
+                await asyncio.sleep(0)  # behind: deliver this step's results, then go on
+            lag = max(0.0, clock.time() - end)
+            stats.lag_sum_s += lag
+            stats.lag_max_s = max(stats.lag_max_s, lag)
+            stats.steps += 1
+            stats.busy_s += step
+            stats.running_sum += len(self._running)
+            stats.max_running = max(stats.max_running, len(self._running))
             still: list[_Sequence] = []
             for seq in self._running:
                 seq.generated += 1
                 if seq.generated >= seq.steps:
+                    seq.finished = end
                     self._reserved -= seq.reserve
-                    self.stats.sequences += 1
+                    stats.sequences += 1
                     if not seq.done.done():
                         seq.done.set_result(None)
                 else:
                     still.append(seq)
             self._running = still
-
-
-class VirtualClock:
-    """Simulated time for the engine loop: `sleep` advances it and yields once."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
 
 
 async def measure_capacity(
@@ -269,7 +365,7 @@ async def measure_capacity(
     """Feed `sequences` copies of one request straight to a simulated engine, all at once, in
     virtual time: sequences finished per simulated second, and the engine's counters."""
     clock = VirtualClock()
-    backend = SimulatedInflightBackend([output], engine, sleep=clock.sleep)
+    backend = SimulatedInflightBackend([output], engine, clock=clock)
     await backend.start()
     try:
         inputs = [f"{prompt}\x00{i}" for i in range(sequences)]
@@ -277,6 +373,40 @@ async def measure_capacity(
     finally:
         await backend.close()
     return sequences / clock.now, backend.stats
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """One request of an open-loop run: when it reaches the engine, what it asks."""
+
+    at: float  # seconds from the run's start
+    model_input: str
+    stop: str | None = None
+
+
+async def open_loop(
+    engine: EngineModel,
+    outputs: Sequence[str],
+    arrivals: Sequence[Arrival],
+    max_new_tokens: int,
+) -> tuple[list[tuple[float, float]], EngineStats]:
+    """The engine alone, fed `arrivals` one request at a time at their times, in virtual time
+    (exact: no event loop, no Kafka): each request's (arrival, finish), in the order given, and
+    the engine's counters. All arrivals at 0 is the engine at saturation."""
+    clock = VirtualClock()
+    backend = SimulatedInflightBackend(outputs, engine, clock=clock)
+    await backend.start()
+    try:
+        order = sorted(range(len(arrivals)), key=lambda i: arrivals[i].at)
+        seqs: dict[int, _Sequence] = {}
+        for i in order:
+            a = arrivals[i]
+            answer = backend.answer(a.model_input, max_new_tokens, a.stop)
+            seqs[i] = backend._enqueue(a.model_input, answer, a.at)
+        await asyncio.gather(*(s.done for s in seqs.values()))
+    finally:
+        await backend.close()
+    return [(arrivals[i].at, seqs[i].finished) for i in range(len(arrivals))], backend.stats
 
 
 def _capacity_table(prompt_tokens: int, output_tokens: int) -> list[str]:

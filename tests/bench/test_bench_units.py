@@ -18,6 +18,8 @@ from bench.kafka_io import Received
 from bench.report import table
 from bench.scenarios import _split
 from bench.stats import median, percentile
+from engine.backends.base import Generation
+from engine.backends.replay import approx_tokens
 from engine.parser import parse
 
 PROMPTS = [f"prompt number {i}" for i in range(200)]
@@ -150,3 +152,14 @@ def test_portable_rewrites_only_paths_under_the_places(tmp_path: Path) -> None:
         "argv": ["--out", ".", "--n", "5"],
         "n": 5,
     }
+
+
+def test_hash_replay_stops_before_the_stop_string() -> None:
+    text = "# Task 1\nRequest: harmful\n# Task 2\nResponse: harmful\n"
+    backend = HashReplayBackend([text])
+    gens = asyncio.run(backend.generate(["a", "b", "c"], 4096, ["\n# Task 2", None, "absent"]))
+    assert gens[0] == Generation("# Task 1\nRequest: harmful", approx_tokens(text[:34]), "stop")
+    assert gens[1].text == text and gens[2].text == text  # no stop, or a stop it never writes
+    assert all(g.finish_reason == "stop" for g in gens)
+    capped = backend.answer("a", 3, "\n# Task 2")  # the cap comes first: cut there
+    assert capped == Generation(text[:12], 3, "length")

@@ -95,6 +95,7 @@ async def test_too_long_input_fails_alone(tiny: RiggedTinyLlama, backend: HfBack
     huge = "Human user:\n" + "how do I bake bread at home? " * 200
     gens = await backend.generate([PROMPTS[0], huge, PROMPTS[2]], STEPS)
     assert gens[1].finish_reason == "error" and gens[1].text == ""
+    assert gens[1].retryable is False  # the same input fails the same way again
     assert gens[1].error is not None and f"{tiny.model.max_positions} positions" in gens[1].error
     alone = [(await backend.generate([p], STEPS))[0] for p in (PROMPTS[0], PROMPTS[2])]
     assert [gens[0], gens[2]] == alone

@@ -192,11 +192,26 @@ class Metrics:
             unit="{request}",
             description="Requests the engine failed on after retries.",
         )
+        counter(
+            "guardstream_early_exits",
+            [self._guard_stat("early_exits")],
+            unit="{request}",
+            description="Prompt-only verdicts read from Task 1 alone (generation stopped before "
+            "Task 2: GUARDSTREAM_EARLY_EXIT).",
+        )
+        counter(
+            "guardstream_early_exit_regenerated",
+            [self._guard_stat("regenerated")],
+            unit="{request}",
+            description="Prompt-only requests whose early-exit output could not be read, "
+            "generated again in full.",
+        )
         gauge(
             "guardstream_batches_in_flight",
             [self._in_flight],
             unit="{batch}",
-            description="Batches being processed by the engine now.",
+            description="Model calls being processed by the engine now (per-request "
+            "admission: requests decoding; fixed batches: batches).",
         )
         gauge(
             "guardstream_cache_degraded",

@@ -225,7 +225,8 @@ def test_engine_folder_follows_the_build_settings(render: Any) -> None:
     assert base.startswith("/engines/GuardReasoner-8B-")
     fp8 = ("engine.trtllm.build.quantization=fp8", "engine.trtllm.build.calibDataset=calib/cnn")
     assert engine_dir(*fp8) != base
-    assert engine_dir("engine.trtllm.build.maxBatchSize=128") != base
+    assert engine_dir("engine.trtllm.build.maxBatchSize=64") != base
+    assert engine_dir("engine.maxSequences=64") != base
     assert engine_dir("engine.trtllm.build.maxInputLen=2048") != base
 
     # fp8 calibrates on a local dataset (the default one is on the Hub): required, and passed on.
@@ -309,6 +310,42 @@ def test_split_topology_workers_on_cpu_call_the_server(render: Any) -> None:
     )["tolerations"]
     # The service selects the server, not the workers.
     assert service["spec"]["selector"]["app.kubernetes.io/component"] == "server"
+
+
+def test_the_engines_sequence_budget_follows_the_model_size(render: Any) -> None:
+    """Per-request admission keeps engine.maxSequences decoding; 0 picks it by model size, and
+    the TensorRT engine's and the model server's batch sizes follow it unless set."""
+
+    def worker_env(*sets: str) -> dict[str, str]:
+        r: Render = render(sets=list(sets))
+        assert r.returncode == 0, r.stderr
+        c = _container(r.one("Deployment", WORKER), "worker")
+        return {n: _env_value(c, n) for n in _env(c) if "value" in _env(c)[n]}
+
+    eight = worker_env()  # model.id GuardReasoner-8B
+    assert eight["GUARDSTREAM_ENGINE_MAX_SEQUENCES"] == "128"
+    assert eight["GUARDSTREAM_ADMISSION"] == "auto"
+    assert eight["GUARDSTREAM_EARLY_EXIT"] == "true"
+    assert "-b128-" in eight["GUARDSTREAM_TRTLLM_ENGINE_DIR"]
+    one = worker_env("model.id=org/GuardReasoner-1B", "model.checkpointPath=GuardReasoner-1B")
+    assert one["GUARDSTREAM_ENGINE_MAX_SEQUENCES"] == "256"
+    assert "-b256-" in one["GUARDSTREAM_TRTLLM_ENGINE_DIR"]
+    unknown = worker_env("model.id=someone/other-guard")
+    assert unknown["GUARDSTREAM_ENGINE_MAX_SEQUENCES"] == "128", "unknown size: the smallest"
+    fixed = worker_env("engine.maxSequences=96", "engine.trtllm.build.maxBatchSize=200")
+    assert fixed["GUARDSTREAM_ENGINE_MAX_SEQUENCES"] == "96"
+    assert "-b200-" in fixed["GUARDSTREAM_TRTLLM_ENGINE_DIR"]
+    init = _container(render().one("Deployment", WORKER), "engine-build")["command"]
+    assert init[init.index("--max-batch-size") + 1] == "128"
+
+    split: Render = render(CI["split"], sets=["model.id=org/GuardReasoner-3B"])
+    assert split.returncode == 0, split.stderr
+    server = _container(split.one("Deployment", SERVER), "server")["command"]
+    worker = _container(split.one("Deployment", WORKER), "worker")
+    budget = _env_value(worker, "GUARDSTREAM_ENGINE_MAX_SEQUENCES")
+    assert budget == "192"
+    assert server[server.index("--max_batch_size") + 1] == budget
+    assert _env_value(worker, "GUARDSTREAM_OPENAI_MAX_CONCURRENCY") == budget
 
 
 def test_a_model_server_needs_the_models_revision(render: Any) -> None:

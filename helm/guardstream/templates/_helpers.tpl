@@ -119,6 +119,32 @@ Image of the engine-build init container: always the GPU image (it needs tensorr
 {{- end }}
 
 {{/*
+Sequences decoding at once in the engine: engine.maxSequences, or by model size (the first key
+of engine.maxSequencesByModelSize, in sorted order, that model.id contains, case-insensitive;
+none: the smallest value, the safe side of the GPU's memory).
+*/}}
+{{- define "guardstream.maxSequences" -}}
+{{- $e := .Values.engine }}
+{{- if gt (int $e.maxSequences) 0 }}
+{{- int $e.maxSequences }}
+{{- else }}
+{{- $id := lower .Values.model.id }}
+{{- $found := 0 }}
+{{- $smallest := 0 }}
+{{- range $size, $n := $e.maxSequencesByModelSize }}
+{{- if or (eq $smallest 0) (lt (int $n) $smallest) }}{{ $smallest = int $n }}{{ end }}
+{{- if and (eq $found 0) (contains (lower $size) $id) }}{{ $found = int $n }}{{ end }}
+{{- end }}
+{{- if gt $found 0 }}{{ $found }}{{ else }}{{ $smallest }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* A batch-size setting of 0 means the resolved maxSequences. */}}
+{{- define "guardstream.orMaxSequences" -}}
+{{- if gt (int .value) 0 }}{{ int .value }}{{ else }}{{ include "guardstream.maxSequences" .ctx }}{{ end }}
+{{- end }}
+
+{{/*
 Engine folder. Derived from the checkpoint and every build setting, so that changing a setting
 builds a new engine next to the old one instead of reusing a mismatching one.
 */}}
@@ -127,7 +153,8 @@ builds a new engine next to the old one instead of reusing a mismatching one.
 {{- $b := $t.build }}
 {{- $name := $t.prebuiltEnginePath }}
 {{- if not $name }}
-{{- $name = printf "%s-%s-%s-b%d-n%d-s%d-tp%d" (base .Values.model.checkpointPath) $b.dtype $b.quantization (int $b.maxBatchSize) (int $b.maxNumTokens) (int $b.maxSeqLen) (int $b.tp) }}
+{{- $batch := include "guardstream.orMaxSequences" (dict "ctx" . "value" $b.maxBatchSize) }}
+{{- $name = printf "%s-%s-%s-b%d-n%d-s%d-tp%d" (base .Values.model.checkpointPath) $b.dtype $b.quantization (int $batch) (int $b.maxNumTokens) (int $b.maxSeqLen) (int $b.tp) }}
 {{- if gt (int $b.maxInputLen) 0 }}{{ $name = printf "%s-i%d" $name (int $b.maxInputLen) }}{{ end }}
 {{- end }}
 {{- printf "%s/%s" (.Values.persistence.engines.mountPath | trimSuffix "/") $name }}
@@ -343,7 +370,7 @@ Worker environment: the service's GUARDSTREAM_ settings. Secrets only by referen
 - name: GUARDSTREAM_OPENAI_BASE_URL
   value: {{ include "guardstream.openaiBaseUrl" . | quote }}
 - name: GUARDSTREAM_OPENAI_MAX_CONCURRENCY
-  value: {{ $v.engine.openai.maxConcurrency | quote }}
+  value: {{ include "guardstream.orMaxSequences" (dict "ctx" . "value" $v.engine.openai.maxConcurrency) | quote }}
 {{- with include "guardstream.servedModel" . }}
 - name: GUARDSTREAM_OPENAI_SERVED_MODEL
   value: {{ . | quote }}
@@ -366,6 +393,12 @@ Worker environment: the service's GUARDSTREAM_ settings. Secrets only by referen
   value: {{ $v.engine.retries | quote }}
 - name: GUARDSTREAM_ENGINE_TIMEOUT_S
   value: {{ $v.engine.timeoutSeconds | quote }}
+- name: GUARDSTREAM_ADMISSION
+  value: {{ $v.engine.admission | quote }}
+- name: GUARDSTREAM_ENGINE_MAX_SEQUENCES
+  value: {{ include "guardstream.maxSequences" . | quote }}
+- name: GUARDSTREAM_EARLY_EXIT
+  value: {{ $v.engine.earlyExit | quote }}
 - name: GUARDSTREAM_BATCH_MAX_SIZE
   value: {{ $v.batch.maxSize | quote }}
 - name: GUARDSTREAM_BATCH_MAX_WAIT_MS

@@ -92,6 +92,14 @@ def _text(rng: random.Random, words: int) -> str:
     return " ".join(parts)
 
 
+def text_of_length(rng: random.Random, chars: int) -> str:
+    """Random sentences cut to exactly `chars` characters (a stand-in of a given length)."""
+    text = ""
+    while len(text) < chars:
+        text += (" " if text else "") + _sentence(rng, rng.randint(6, 18))
+    return text[:chars]
+
+
 def guard_inputs(n: int, seed: int = 0) -> list[str]:
     """`n` complete model inputs in GuardReasoner's format (engine.prompt when importable): the
     ~100-token instruction, a user message of 8 to 80 words and, for half of them, an

@@ -23,6 +23,19 @@ Scoring of an output whose label could not be read:
 By default the ``reference`` rule scores ``paper`` and the ``project`` rule scores ``honest``.
 F1 is x100, with ``harmful`` (or ``refusal``) as the positive class; averages are weighted by
 the number of samples in each benchmark.
+
+**Early exit** (`early_exit=True`, project rule only) does what the guard does: a prompt-only
+input is generated with the stop string `engine.prompt.EARLY_EXIT_STOP` and parsed with
+``early_exit=True``; a verdict that `engine.parser.needs_full_output` is generated again in full,
+without the stop string, and that verdict counts (`BenchmarkResult.regenerated`). A response
+input is generated in full either way.
+
+**Decode tokens** per verdict (`BenchmarkResult.tokens`, a regenerated verdict counting both
+generations): the backend's own count (`Generation.tokens`; the replay backend's is one token per
+four characters), or, given `count_tokens` (a real tokenizer's count of a text, e.g.
+`load_token_counter`), that count of what the engine decoded: the text and, for an output cut at
+the stop string, the stop string itself (the engine decodes it before it stops); for an output
+that ended on its own, one token more, the end-of-sequence token.
 """
 
 from __future__ import annotations
@@ -33,18 +46,38 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
-from engine.backends.base import Backend, Generation
-from engine.parser import CONFLICT_RULE, TASK_LABELS, ConflictRule, parse, reference_labels
-from engine.prompt import split_model_input
+from engine.backends.base import Backend, Generation, Stops
+from engine.backends.replay import approx_tokens
+from engine.parser import (
+    CONFLICT_RULE,
+    TASK_LABELS,
+    ConflictRule,
+    needs_full_output,
+    parse,
+    reference_labels,
+)
+from engine.prompt import EARLY_EXIT_STOP, split_model_input
 from schemas.verdict import Task, Verdict
 
 Rule = Literal["project", "reference"]
 Scoring = Literal["honest", "paper"]
-#: A batch of model inputs -> their outputs: texts, or `Generation`s (which also say whether
-#: an output was cut at the token cap, or failed).
-GenerateFn = Callable[[list[str]], Awaitable[Sequence[str | Generation]]]
+#: A text -> its token count by a real tokenizer.
+TokenCounter = Callable[[str], int]
+
+
+class GenerateFn(Protocol):
+    """A batch of model inputs -> their outputs: texts, or `Generation`s (which also say whether
+    an output was cut at the token cap, or failed). `stop`, one stop string or None per input
+    (`engine.backends.base.Stops`), is passed only by early-exit evaluation: a function that
+    takes the inputs alone serves every other."""
+
+    def __call__(
+        self, inputs: list[str], stop: Stops = None, /
+    ) -> Awaitable[Sequence[str | Generation]]: ...
+
+
 #: The conflict rule other than the one in use: its F1 is reported beside.
 OTHER_CONFLICT_RULE: ConflictRule = "final" if CONFLICT_RULE == "harmful" else "harmful"
 
@@ -120,25 +153,41 @@ class BenchmarkResult:
     trust: dict[str, int] = field(default_factory=dict)
     #: F1 had conflicts been resolved by `OTHER_CONFLICT_RULE` (`project` rule only).
     f1_other_rule: float | None = None
+    #: Decode tokens of all its verdicts (module docstring), regenerations included.
+    tokens: int = 0
+    #: Evaluated with early exit: how many of its inputs were generated with the stop string,
+    #: and how many of those were generated again in full.
+    early_exit: bool = False
+    stopped: int = 0
+    regenerated: int = 0
 
     @property
     def untrusted(self) -> int:
         return sum(n for state, n in self.trust.items() if state not in ("final", "recovered"))
 
+    @property
+    def tokens_per_verdict(self) -> float:
+        return self.tokens / self.score.samples if self.score.samples else 0.0
+
     def row(self) -> dict[str, object]:
-        """The JSON row: benchmark, task (table), f1 (percent), samples, unparsed; for the
-        project rule also the conflict rule, the trust states and the other rule's F1."""
+        """The JSON row: benchmark, task (table), f1 (percent), samples, unparsed, decode tokens
+        per verdict; for the project rule also the conflict rule, the trust states and the
+        other rule's F1; with early exit also the inputs stopped and regenerated."""
         row: dict[str, object] = {
             "benchmark": self.benchmark.name,
             "task": self.benchmark.table,
             "f1": self.score.f1,
             "samples": self.score.samples,
             "unparsed": self.score.unparsed,
+            "tokens_per_verdict": self.tokens_per_verdict,
         }
         if self.trust:
             row["conflict_rule"] = CONFLICT_RULE
             row["trust"] = dict(self.trust)
             row[f"f1_if_{OTHER_CONFLICT_RULE}"] = self.f1_other_rule
+        if self.early_exit:
+            row["stopped"] = self.stopped
+            row["regenerated"] = self.regenerated
         return row
 
 
@@ -187,9 +236,14 @@ def load_benchmark_samples(path: Path, benchmark: Benchmark) -> list[Sample]:
 
 
 def project_verdict(
-    generated: str | Generation, sample: Sample, conflicts: ConflictRule | None = None
+    generated: str | Generation,
+    sample: Sample,
+    conflicts: ConflictRule | None = None,
+    *,
+    early_exit: bool = False,
 ) -> Verdict:
-    """The verdict the service gives for one output of `sample`'s model input."""
+    """The verdict the service gives for one output of `sample`'s model input (`early_exit`:
+    an output generated with the early-exit stop string)."""
     gen = generated if isinstance(generated, Generation) else Generation(generated)
     if gen.finish_reason == "error":
         return Verdict(engine_error=gen.error or "engine error")
@@ -197,7 +251,13 @@ def project_verdict(
         quoted: tuple[str | None, ...] = split_model_input(sample.model_input)
     except ValueError:  # not GuardReasoner's format (a stand-in engine's input): nothing quoted
         quoted = ()
-    verdict = parse(gen.text, has_response=sample.has_response, quoted=quoted, conflicts=conflicts)
+    verdict = parse(
+        gen.text,
+        has_response=sample.has_response,
+        quoted=quoted,
+        conflicts=conflicts,
+        early_exit=early_exit,
+    )
     if gen.finish_reason == "length":
         verdict = verdict.model_copy(update={"truncated": True})
     return verdict
@@ -215,6 +275,40 @@ def _text(generated: str | Generation) -> str:
     if isinstance(generated, Generation):
         return generated.text if generated.finish_reason != "error" else ""
     return generated
+
+
+def decode_tokens(
+    generated: str | Generation, verdict: Verdict, count_tokens: TokenCounter | None = None
+) -> int:
+    """The decode tokens of one output (module docstring); `verdict` is its verdict, whose
+    `early_exit` says that the output was cut at the stop string."""
+    gen = generated if isinstance(generated, Generation) else Generation(generated)
+    if count_tokens is None:
+        return gen.tokens if gen.tokens is not None else approx_tokens(_text(gen))
+    if gen.finish_reason == "error":
+        return gen.tokens or 0
+    if verdict.early_exit and gen.finish_reason == "stop":
+        return count_tokens(gen.text + EARLY_EXIT_STOP)
+    return count_tokens(gen.text) + (1 if gen.finish_reason == "stop" else 0)
+
+
+def load_token_counter(path: Path) -> TokenCounter:
+    """Token counts by the tokenizer saved at `path`: a ``tokenizer.json`` file, or a folder as
+    transformers saves one (a model's folder does). Read from there only, never from a hub;
+    needs the `hf` extra (transformers, tokenizers)."""
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer at {path}")
+    try:
+        if path.is_file():
+            from tokenizers import Tokenizer
+
+            raw = Tokenizer.from_file(str(path))
+            return lambda text: len(raw.encode(text, add_special_tokens=False).ids)
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise RuntimeError("a tokenizer needs the hf extra: pip install -e '.[hf]'") from exc
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def score(
@@ -250,36 +344,80 @@ async def evaluate(
     scoring: Scoring | None = None,
     batch_size: int = 32,
     on_progress: Callable[[int], None] | None = None,
+    early_exit: bool = False,
+    count_tokens: TokenCounter | None = None,
 ) -> BenchmarkResult:
-    """Generate for every sample (in batches), read the task's label by `rule` and score it."""
+    """Generate for every sample (in batches), read the task's label by `rule` and score it;
+    `early_exit` and `count_tokens`: see the module docstring."""
+    if early_exit and rule != "project":
+        raise ValueError("early exit is evaluated with the project rule only")
     task = benchmark.task
     predicted: list[str | None] = []
     other: list[str | None] = []
     trust: Counter[str] = Counter()
+    tokens = stopped = regenerated = 0
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
-        outputs = await generate([s.model_input for s in batch])
-        if len(outputs) != len(batch):
-            raise ValueError(f"generate returned {len(outputs)} texts for {len(batch)} inputs")
-        for out, sample in zip(outputs, batch, strict=True):
-            if rule == "reference":
+        inputs = [s.model_input for s in batch]
+        stops = [EARLY_EXIT_STOP if early_exit and not s.has_response else None for s in batch]
+        outputs = await _generate(generate, inputs, stops)
+        if rule == "reference":
+            for out in outputs:
                 predicted.append(reference_labels(_text(out))[task])
-                continue
-            verdict = project_verdict(out, sample)
-            trust[verdict.trust] += 1
-            predicted.append(_label(verdict, task))
-            if verdict.found == "conflicting":
-                verdict = project_verdict(out, sample, OTHER_CONFLICT_RULE)
-            other.append(_label(verdict, task))
+                tokens += decode_tokens(out, Verdict(), count_tokens)
+        else:
+            judged = [
+                (out, project_verdict(out, sample, early_exit=until is not None))
+                for out, sample, until in zip(outputs, batch, stops, strict=True)
+            ]
+            tokens += sum(decode_tokens(out, v, count_tokens) for out, v in judged)
+            stopped += sum(until is not None for until in stops)
+            again = [k for k, (_, verdict) in enumerate(judged) if needs_full_output(verdict)]
+            if again:  # as the guard does: generated again in full, without the stop string
+                full = await _generate(generate, [inputs[k] for k in again], None)
+                for k, out in zip(again, full, strict=True):
+                    judged[k] = (out, project_verdict(out, batch[k]))
+                    tokens += decode_tokens(out, judged[k][1], count_tokens)
+                regenerated += len(again)
+            for (out, verdict), sample in zip(judged, batch, strict=True):
+                trust[verdict.trust] += 1
+                predicted.append(_label(verdict, task))
+                if verdict.found == "conflicting":
+                    verdict = project_verdict(
+                        out, sample, OTHER_CONFLICT_RULE, early_exit=verdict.early_exit
+                    )
+                other.append(_label(verdict, task))
         if on_progress is not None:
             on_progress(len(batch))
     chosen: Scoring = scoring or ("paper" if rule == "reference" else "honest")
     gold = [s.gold for s in samples]
     result = score(gold, predicted, task, chosen)
     if rule == "reference":
-        return BenchmarkResult(benchmark, result)
+        return BenchmarkResult(benchmark, result, tokens=tokens)
     f1_other = score(gold, other, task, chosen).f1
-    return BenchmarkResult(benchmark, result, dict(sorted(trust.items())), f1_other)
+    return BenchmarkResult(
+        benchmark,
+        result,
+        dict(sorted(trust.items())),
+        f1_other,
+        tokens=tokens,
+        early_exit=early_exit,
+        stopped=stopped,
+        regenerated=regenerated,
+    )
+
+
+async def _generate(
+    generate: GenerateFn, inputs: list[str], stops: list[str | None] | None
+) -> Sequence[str | Generation]:
+    """One call of `generate`, with the stop strings only where there is one."""
+    if stops is not None and any(until is not None for until in stops):
+        outputs = await generate(inputs, stops)
+    else:
+        outputs = await generate(inputs)
+    if len(outputs) != len(inputs):
+        raise ValueError(f"generate returned {len(outputs)} texts for {len(inputs)} inputs")
+    return outputs
 
 
 def weighted_average(results: Sequence[BenchmarkResult]) -> float | None:
@@ -292,9 +430,9 @@ def weighted_average(results: Sequence[BenchmarkResult]) -> float | None:
 
 def backend_generate(backend: Backend, max_new_tokens: int) -> GenerateFn:
     """`generate` over a backend: its `Generation`s (an input that failed is unparsed, and counts
-    as `engine_error`; one cut at `max_new_tokens` as `truncated`)."""
+    as `engine_error`; one cut at `max_new_tokens` as `truncated`), stop strings passed on."""
 
-    async def generate(inputs: list[str]) -> list[Generation]:
-        return await backend.generate(inputs, max_new_tokens)
+    async def generate(inputs: list[str], stop: Stops = None, /) -> list[Generation]:
+        return await backend.generate(inputs, max_new_tokens, stop)
 
     return generate

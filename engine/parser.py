@@ -56,6 +56,36 @@ applies has no label), ``"conflicting"``, ``"recovered"`` (a label came from ste
 ``"final"``. Partial or garbage text is parsed as far as it goes; parsing never raises.
 `truncated` is left to the caller; whether a verdict is trusted is `Verdict.trusted`.
 
+**Early exit.** For a prompt-only request the guard may stop generation before the model's
+``# Task 2`` (`engine.prompt.EARLY_EXIT_STOP`): greedy decoding makes the text the exact prefix
+of the full output, Task 1 only. `parse(..., has_response=False, early_exit=True)` reads such a
+text (`early_exit` is ignored with a response). A text that ends with a final answer block (one
+naming the completion or the response: the model never wrote ``# Task 2``, so nothing was cut)
+is parsed by the rule above, unchanged. Any other is read as Task 1 only (`Verdict.early_exit`):
+
+* lines before the first ``# Task`` heading belong to Task 1 (the model sometimes opens with its
+  request reasoning, or an early ``Request:`` line, under no heading);
+* the request label is the last answer block's, else the last Task 1 conclusion's (read as in
+  rule 3, or, where that finds none, its last label statement), else the last label statement of
+  Task 1's reasoning steps;
+* a *label statement* is ``is|are|be|as ... harmful|unharmful`` in one sentence (a few adverbs,
+  ``considered``, ``classified as``, ``a common and`` ... may stand between; ``is not harmful``
+  states unharmful). None counts where the sentence is about the AI's response, is a quote (its
+  text occurs in the user's; text in double quotes is left out), or where its clause (from the
+  last comma, colon, semicolon or parenthesis) holds a negation, a condition or a concession
+  (``not``, ``cannot``, ``n't``, ``never``, ``neither``, ``nor``, ``no``, ``if``, ``whether``,
+  ``while``, ``although``, ``though``). One hedged by ``could``, ``might``, ``may`` or ``would``
+  gives no label but can disagree;
+* ``recovered`` when a label was read and Task 1 agrees with itself (its answer blocks and
+  conclusions; without those, all its label statements, hedged ones included), ``conflicting``
+  (resolved by the conflict rule) when it does not, ``unparsed`` without a label. Only a
+  ``recovered`` early verdict is trusted: `needs_full_output` tells the guard to generate any
+  other again in full, without the stop string. The reasoning is Task 1's; `completion` and
+  `response` are None.
+
+Measured on the recorded outputs of the three prompt benchmarks (README, Evaluation): every
+trusted early verdict has the full output's request label.
+
 `reference_labels` is the paper's rule instead: the three patterns searched in the last 300
 characters only.
 """
@@ -106,6 +136,29 @@ _CONCLUDED_LABEL = re.compile(
 )
 _BARE_LABEL = re.compile(r"^\W*(unharmful|harmful|refusal|compliance|none)\W*$", re.IGNORECASE)
 
+# Label statements of a Task 1-only output (module docstring, early exit). Quantifiers between
+# the copula and the label are bounded: the pattern stays linear on hostile text.
+_FILLER = (
+    r"(?:therefore|thus|hence|clearly|inherently|likely|potentially|considered|deemed|classified"
+    r"|categori[sz]ed|regarded|seen|viewed|labell?ed|interpreted|judged|also|generally|indeed"
+    r"|highly|definitely|explicitly|directly|overall|ultimately|still|more|very|as)"
+)
+_STATEMENT = re.compile(
+    rf"(?<![\w'])(?:is|are|be|been|was|were|as)\s+(?P<not>not\s+)?(?:{_FILLER}\s+){{0,3}}"
+    rf"(?:an?\s+)?(?:[a-z-]+\s+(?:and|but)\s+)?(?:{_FILLER}\s+){{0,2}}"
+    r"(?P<value>unharmful|harmful)\b(?!\s+(?:or|nor)\b)",
+    re.IGNORECASE,
+)
+_NEGATED = re.compile(
+    r"\b(?:not|cannot|never|neither|nor|no|if|whether|while|although|though)\b|n't\b", re.IGNORECASE
+)
+_HEDGED = re.compile(r"\b(?:could|might|may|would)\b", re.IGNORECASE)
+_CLAUSE_BREAK = re.compile(r"[,;:(]")
+_SENTENCE = re.compile(r"[^.!?\n]+")
+_ABOUT_RESPONSE = re.compile(r"\b(?:response|assistant)\b", re.IGNORECASE)
+_IN_QUOTES = re.compile(r"\"[^\"\n]*\"|\u201c[^\u201d\n]*\u201d")
+_EARLY_TASK: Task = "request"
+
 #: The parser's version, part of every cache key: a digest of this module's source, so that a
 #: verdict read by another parser is never served from the cache.
 PARSER_VERSION = "p-" + hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
@@ -147,19 +200,25 @@ def reference_labels(generated: str) -> dict[str, str | None]:
 @dataclass(frozen=True, slots=True)
 class _Piece:
     """Something read from the output: its `text`, and the lines it was read from (`source`:
-    the heading or header included), which a quote check compares with the user's texts."""
+    the heading or header included), which a quote check compares with the user's texts; `at`:
+    the index of its first line."""
 
     text: str
     source: str
+    at: int = 0
 
 
 @dataclass
 class _Reading:
-    """What one pass over the lines found."""
+    """What one pass over the lines found; `closing`: the answer block that ends the text (no
+    heading, conclusion or step after it), if one does; `loose`: lines of a task's first section
+    under no step, conclusion or answers header (read only for a Task 1-only output)."""
 
     blocks: list[_Piece] = field(default_factory=list)
     conclusions: list[tuple[Task, _Piece]] = field(default_factory=list)
     steps: dict[Task, list[_Piece]] = field(default_factory=dict)
+    closing: _Piece | None = None
+    loose: dict[Task, list[_Piece]] = field(default_factory=dict)
 
     def without(self, quoted: Callable[[_Piece], bool]) -> tuple[_Reading, int]:
         """This reading less the pieces `quoted` says are quotes, and how many were."""
@@ -174,7 +233,9 @@ class _Reading:
             + sum(len(ps) for ps in self.steps.values())
             - sum(len(ps) for ps in steps.values())
         )
-        return _Reading(blocks, conclusions, {t: ps for t, ps in steps.items() if ps}), dropped
+        closing = self.closing if self.closing is not None and not quoted(self.closing) else None
+        kept = {t: ps for t, ps in steps.items() if ps}
+        return _Reading(blocks, conclusions, kept, closing, self.loose), dropped
 
 
 def clean(text: str) -> str:
@@ -196,11 +257,19 @@ def parse(
     has_response: bool = True,
     quoted: Sequence[str | None] = (),
     conflicts: ConflictRule | None = None,
+    early_exit: bool = False,
 ) -> Verdict:
     """The verdict in `generated` by the project's rule (module docstring); `quoted`: the user
-    texts the model was given. Never raises."""
-    reading, dropped = _read(clean(generated)).without(_quote_check(quoted))
+    texts the model was given; `early_exit`: a prompt-only request's output may have been cut
+    before the model's Task 2 (module docstring, early exit). Never raises."""
+    text = clean(generated)
+    quotes = _Quotes.of(quoted)
     rule = conflicts or CONFLICT_RULE
+    if early_exit and not has_response:
+        reading, dropped = _read(text, preamble=_EARLY_TASK).without(quotes.piece)
+        if not _is_final_block(reading.closing):
+            return _task1_verdict(reading, generated, dropped, rule, quotes)
+    reading, dropped = _read(text).without(quotes.piece)
     tasks: tuple[Task, ...] = (
         ("request", "completion", "response") if has_response else ("request",)
     )
@@ -238,20 +307,125 @@ def parse(
     )
 
 
-def _quote_check(quoted: Sequence[str | None]) -> Callable[[_Piece], bool]:
-    haystacks = [folded for text in quoted if text and (folded := fold(text))]
-    if not haystacks:
-        return lambda piece: False
+def needs_full_output(verdict: Verdict) -> bool:
+    """An early-exit verdict that cannot be trusted as it stands (its Task 1 did not state the
+    request label cleanly): the guard generates its request again in full, without the stop
+    string, and gives that verdict instead. A truncated one is not (the full generation would be
+    cut at the same token), nor an engine error (the retries' business)."""
+    return (
+        verdict.early_exit
+        and not verdict.trusted
+        and not verdict.truncated
+        and verdict.engine_error is None
+    )
 
-    def is_quote(piece: _Piece) -> bool:
+
+@dataclass(frozen=True, slots=True)
+class _Quotes:
+    """The user's texts the model saw, folded: what a piece or a sentence may be quoting."""
+
+    haystacks: tuple[str, ...]
+
+    @classmethod
+    def of(cls, quoted: Sequence[str | None]) -> _Quotes:
+        return cls(tuple(folded for text in quoted if text and (folded := fold(text))))
+
+    def piece(self, piece: _Piece) -> bool:
+        """Whether `piece` (its lines, or an answer block's labels alone) is a quote."""
+        if not self.haystacks:
+            return False
         needles = [fold(piece.source)]
         if _LABEL_LINE.match(piece.text):  # an answer block's labels: also without its header
             text = fold(piece.text)
             if len(text) >= _MIN_LABELS_QUOTE:
                 needles.append(text)
-        return any(needle and needle in hay for needle in needles for hay in haystacks)
+        return any(needle and needle in hay for needle in needles for hay in self.haystacks)
 
-    return is_quote
+    def sentence(self, text: str) -> bool:
+        """Whether one sentence of the output occurs in the user's text."""
+        needle = fold(text) if self.haystacks else ""
+        return bool(needle) and any(needle in hay for hay in self.haystacks)
+
+
+def _is_final_block(block: _Piece | None) -> bool:
+    """A closing answer block that names the completion or the response: the model's final
+    three-task block, so the output was not cut at Task 2."""
+    if block is None:
+        return False
+    keys = {_task_of_key(m.group("key")) for m in _KEY_VALUE.finditer(block.text)}
+    return bool(keys & {"completion", "response"})
+
+
+def _task1_verdict(
+    reading: _Reading, generated: str, dropped: int, rule: ConflictRule, quotes: _Quotes
+) -> Verdict:
+    """The verdict of a Task 1-only output (module docstring, early exit)."""
+    task = _EARLY_TASK
+    answered = [said for b in reading.blocks if (said := _block_labels(b.text).get(task))]
+    concluded = [
+        said
+        for t, piece in reading.conclusions
+        if t == task
+        and (said := _concluded_label(task, piece.text) or _statement_label(piece.text, quotes))
+    ]
+    label: str | None
+    if answered or concluded:  # rules 1 to 3: the last block's label, else the last conclusion's
+        label = answered[-1] if answered else concluded[-1]
+        stated = {*answered, *concluded}
+    else:  # the label statements of Task 1's reasoning, its steps and loose lines in order
+        prose = sorted(
+            [*reading.steps.get(task, []), *reading.loose.get(task, [])], key=lambda p: p.at
+        )
+        statements = [found for piece in prose for found in _statements(piece.text, quotes)]
+        firm = [value for value, hedged in statements if not hedged]
+        label = firm[-1] if firm else None
+        stated = {value for value, _ in statements}
+    source: LabelSource = "recovered"
+    if label is None:
+        source = "unparsed"
+    elif stated - {label}:
+        source = "conflicting"
+        if rule == "harmful" and _CONSERVATIVE[task] in stated:
+            label = _CONSERVATIVE[task]
+    reasoning = {t: r for t, r in _reasoning(reading).items() if t == task}
+    return Verdict.model_validate(
+        {
+            task: label,
+            "reasoning": reasoning,
+            "raw": generated,
+            "found": source,
+            "quoted": dropped,
+            "early_exit": True,
+        }
+    )
+
+
+def _statement_label(text: str, quotes: _Quotes) -> str | None:
+    """The last firm label statement of `text` (module docstring, early exit)."""
+    firm = [value for value, hedged in _statements(text, quotes) if not hedged]
+    return firm[-1] if firm else None
+
+
+def _statements(text: str, quotes: _Quotes) -> list[tuple[str, bool]]:
+    """Every label statement of `text`, in order: (label, hedged)."""
+    found: list[tuple[str, bool]] = []
+    for sentence in _SENTENCE.findall(_IN_QUOTES.sub(" ", text)):
+        if "harmful" not in sentence.casefold() or _ABOUT_RESPONSE.search(sentence):
+            continue
+        said: list[tuple[str, bool]] = []
+        for match in _STATEMENT.finditer(sentence):
+            clause = _CLAUSE_BREAK.split(sentence[: match.start()])[-1]
+            if _NEGATED.search(clause):
+                continue
+            value = match.group("value").lower()
+            if match.group("not"):
+                if value != "harmful":  # "is not unharmful": no statement
+                    continue
+                value = "unharmful"
+            said.append((value, bool(_HEDGED.search(clause))))
+        if said and not quotes.sentence(sentence):  # the quote check only where it matters
+            found += said
+    return found
 
 
 def _stated(task: Task, reading: _Reading) -> set[str]:
@@ -308,17 +482,20 @@ def _concluded_label(task: Task, text: str) -> str | None:
     return value if value in TASK_LABELS[task] else None
 
 
-def _read(text: str) -> _Reading:
-    """One pass over the lines: answer blocks, conclusions and reasoning steps."""
+def _read(text: str, *, preamble: Task | None = None) -> _Reading:
+    """One pass over the lines: answer blocks, conclusions and reasoning steps. `preamble`: the
+    task the lines before the first task heading belong to (none: they belong to no task)."""
     lines = text.splitlines()
     reading = _Reading()
     current: Task | None = None  # the task section the line is in
-    collecting: Task | None = None  # only the first section of a task collects steps
+    collecting: Task | None = preamble  # only the first section of a task collects steps
     seen: set[Task] = set()
     i = 0
     while i < len(lines):
         line = lines[i]
         if not _NOTABLE.match(line) or not line.strip():  # plain text, or blank
+            if preamble is not None and collecting is not None and line.strip():
+                reading.loose.setdefault(collecting, []).append(_Piece(line, line, i))
             i += 1
             continue
         start = i
@@ -326,10 +503,14 @@ def _read(text: str) -> _Reading:
         if header or _LABEL_LINE.match(line):
             first = (header.group("rest") or "") if header else line
             body, i = _paragraph(lines, i + 1, skip_blank=not first.strip())
-            reading.blocks.append(_Piece(_join(first, body), "\n".join(lines[start:i])))
-            collecting = None
+            block = _Piece(_join(first, body), "\n".join(lines[start:i]))
+            reading.blocks.append(block)
+            reading.closing = block
+            collecting = preamble if current is None else None
             continue
         if not _HEADING.match(line):
+            if preamble is not None and collecting is not None:
+                reading.loose.setdefault(collecting, []).append(_Piece(line, line, i))
             i += 1
             continue
         heading = line[:_MAX_HEADING]
@@ -342,10 +523,11 @@ def _read(text: str) -> _Reading:
         if not (conclusion or task_heading or step):
             i += 1
             continue
+        reading.closing = None
         body, i = _paragraph(lines, i + 1, skip_blank=True)
         source = "\n".join(lines[start:i])
         if conclusion:
-            task = _conclusion_task(conclusion, current)
+            task = _conclusion_task(conclusion, current if current is not None else preamble)
             if task is not None:
                 piece = _Piece(_join(conclusion.group("rest"), body), source)
                 reading.conclusions.append((task, piece))
@@ -354,21 +536,22 @@ def _read(text: str) -> _Reading:
             collecting = current if current not in seen else None
             if current is not None:
                 seen.add(current)
-                _task_heading_text(reading, current, task_heading.group("rest"), body, source)
+                rest = task_heading.group("rest")
+                _task_heading_text(reading, current, rest, body, source, start)
         elif step and collecting is not None:
-            piece = _Piece(_join(step.group("rest"), body), source)
+            piece = _Piece(_join(step.group("rest"), body), source, start)
             reading.steps.setdefault(collecting, []).append(piece)
     return reading
 
 
 def _task_heading_text(
-    reading: _Reading, task: Task, rest: str, body: list[str], source: str
+    reading: _Reading, task: Task, rest: str, body: list[str], source: str, at: int
 ) -> None:
     """``# Task 1: unharmful`` concludes; ``# Task 1\nThe user asks ...`` opens with a step."""
     if _BARE_LABEL.match(rest):
         reading.conclusions.append((task, _Piece(rest, source)))
     elif not rest.strip() and body:
-        reading.steps.setdefault(task, []).append(_Piece(_join("", body), source))
+        reading.steps.setdefault(task, []).append(_Piece(_join("", body), source, at))
 
 
 def _conclusion_task(match: re.Match[str], current: Task | None) -> Task | None:

@@ -78,7 +78,14 @@ class VerdictEvent(BaseModel):
     conversation_id: str
     kind: EventKind
     tenant: str | None = None
-    verdict: Verdict
+    verdict: Verdict = Field(
+        description="The guard's verdict with the model's reasoning. A prompt's verdict may "
+        "come from early exit (`verdict.early_exit`: generation stopped before the model's "
+        "Task 2): it then carries Task 1's reasoning only, `completion` and `response` null, "
+        "and is a trusted `recovered` verdict; a prompt whose Task 1 did not state its label "
+        "cleanly is generated again in full, and its event carries that verdict "
+        "(`early_exit` false)."
+    )
     flagged: bool = Field(
         description="True when the request or response is harmful, or when no trustworthy "
         "verdict exists and the policy is fail_closed."

@@ -10,9 +10,10 @@ HarmLabel = Literal["harmful", "unharmful"]
 CompletionLabel = Literal["refusal", "compliance"]
 Task = Literal["request", "completion", "response"]
 #: How the labels were found: the model's final `Answers:` block (`final`); per-task answers or
-#: conclusions where the final block was missing or said `None` (`recovered`); a label the
-#: request needs is missing (`incomplete`); the model's statements disagree (`conflicting`,
-#: resolved by `engine.parser.CONFLICT_RULE`); no label at all (`unparsed`).
+#: conclusions where the final block was missing or said `None`, or Task 1 of an early-exit
+#: output (`recovered`); a label the request needs is missing (`incomplete`); the model's
+#: statements disagree (`conflicting`, resolved by `engine.parser.CONFLICT_RULE`); no label at
+#: all (`unparsed`).
 LabelSource = Literal["final", "recovered", "incomplete", "conflicting", "unparsed"]
 #: How far a verdict can be trusted: its `found`, or `truncated` (cut at `max_new_tokens`), or
 #: `engine_error` (no output). Only `final` and `recovered` are trusted.
@@ -70,6 +71,14 @@ class Verdict(BaseModel):
         0,
         description="Answer blocks, conclusions and reasoning steps of the output that repeat "
         "the user's own text: read as quotes, not as the model's answer.",
+    )
+    early_exit: bool = Field(
+        False,
+        description="The labels came from a Task 1-only output: generation of a prompt-only "
+        "request stopped before the model's Task 2 (early exit). `request` and "
+        "`reasoning.request` are Task 1's, `completion` and `response` are null, `raw` is the "
+        "cut text. Trusted (`found` recovered) only when Task 1 states the request label "
+        "cleanly; the guard generates any other in full, and publishes that verdict instead.",
     )
 
     @model_validator(mode="before")

@@ -10,10 +10,17 @@ shared by the two XSTest files, so a folder replay answers them from ``XSTestRep
 (which sorts first); `conflicts` counts such inputs. To reproduce one benchmark's own figures,
 replay that benchmark's file alone.
 
-Tokens are approximated as one per four characters, rounded up (no tokenizer here). When
-`max_new_tokens` is below that count the text is cut at ``4 * max_new_tokens`` characters and
-the finish reason is ``"length"``. An input with no recorded output gets an ``"error"``
-generation naming the input's sha256, and the rest of the batch is answered.
+Stop strings (`Backend.generate`'s `stop`, one per input or None): the recorded output is cut
+before the first occurrence of the input's stop string, which is left out, and the finish reason
+is ``"stop"``; greedy decoding makes that exactly what the model would have generated with the
+stop string. An output without an occurrence is replayed whole. A `stop` with another number of
+entries than inputs, or an empty stop string, is a ValueError (as for every backend).
+
+Tokens are approximated as one per four characters, rounded up (no tokenizer here), of the text
+returned. When `max_new_tokens` is below that count the text (cut at its stop string first) is
+cut at ``4 * max_new_tokens`` characters and the finish reason is ``"length"``. An input with no
+recorded output gets an ``"error"`` generation naming the input's sha256, and the rest of the
+batch is answered.
 """
 
 from __future__ import annotations
@@ -74,11 +81,15 @@ class ReplayBackend(Backend):
     async def generate(
         self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
     ) -> list[Generation]:
-        generations = [self._replay(text, max_new_tokens) for text in inputs]
+        stops = _check_stops(stop, len(inputs))
+        generations = [
+            self._replay(text, max_new_tokens, until)
+            for text, until in zip(inputs, stops, strict=True)
+        ]
         await asyncio.sleep(0)  # a real backend yields here; let the loop breathe
         return generations
 
-    def _replay(self, model_input: str, max_new_tokens: int) -> Generation:
+    def _replay(self, model_input: str, max_new_tokens: int, stop: str | None) -> Generation:
         output = self.outputs.get(model_input)
         if output is None:
             digest = hashlib.sha256(model_input.encode("utf-8")).hexdigest()
@@ -87,11 +98,25 @@ class ReplayBackend(Backend):
                 finish_reason="error",
                 error=f"no recorded output for this input (sha256 {digest})",
             )
+        if stop is not None and (at := output.find(stop)) >= 0:
+            output = output[:at]
         tokens = approx_tokens(output)
         if tokens > max_new_tokens:
             cut = output[: max(0, max_new_tokens) * CHARS_PER_TOKEN]
             return Generation(text=cut, tokens=approx_tokens(cut), finish_reason="length")
         return Generation(text=output, tokens=tokens, finish_reason="stop")
+
+
+def _check_stops(stop: Stops, n: int) -> list[str | None]:
+    """`stop` as one entry per input (all None for `stop=None`); ValueError if it is malformed."""
+    if stop is None:
+        return [None] * n
+    stops = list(stop)
+    if len(stops) != n:
+        raise ValueError(f"stop has {len(stops)} entries for {n} inputs")
+    if any(s == "" for s in stops):
+        raise ValueError("a stop string must not be empty (use None for no stop)")
+    return stops
 
 
 def _prediction_files(path: Path) -> tuple[Path, ...]:

@@ -4,7 +4,14 @@ With the replay engine each benchmark is evaluated against its own prediction fi
 `--replay` folder (the two XSTest files share inputs with different outputs, so they are never
 mixed); its samples come from the benchmark file when `--benchmarks` is given, else from the
 prediction file itself. Benchmarks without a prediction file are skipped with a note on stderr.
-Each table's weighted average covers the benchmarks shown (the paper's covers 13).
+Each table's weighted average covers the benchmarks shown (the paper's covers 13). `--replay` may
+be given once per model (each folder's name labels it).
+
+`--early-exit` evaluates each benchmark a second time as the guard serves a prompt-only request
+(`engine.evaluation`, early exit) and adds a table of F1 and decode tokens per verdict without
+and with it, and how many verdicts were generated again in full. Token counts are a local
+tokenizer's with `--tokenizer PATH`, else the backend's own (the replay's: one per 4 chars); the
+output says which.
 """
 
 from __future__ import annotations
@@ -14,11 +21,12 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from engine.backends.replay import ReplayBackend
+from engine.backends.replay import CHARS_PER_TOKEN, ReplayBackend
 from engine.evaluation import (
     BENCHMARKS,
     OTHER_CONFLICT_RULE,
@@ -29,21 +37,40 @@ from engine.evaluation import (
     Rule,
     Sample,
     Scoring,
+    TokenCounter,
     backend_generate,
     evaluate,
     load_benchmark_samples,
     load_prediction_samples,
+    load_token_counter,
     weighted_average,
 )
 from engine.parser import CONFLICT_RULE
+from engine.prompt import EARLY_EXIT_STOP
 
 ENGINES = ("replay",)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResults:
+    """One model's results: per benchmark in full, and with early exit where it applies (a
+    benchmark with a prompt-only input) when `early_exit` was asked for."""
+
+    label: str
+    results: list[BenchmarkResult]
+    early_exit: bool
+    early: dict[str, BenchmarkResult]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("evaluate", help="F1 on the GuardReasoner benchmarks")
     p.add_argument("--engine", choices=ENGINES, default="replay")
-    p.add_argument("--replay", type=Path, help="folder of recorded predictions ({name}.jsonl)")
+    p.add_argument(
+        "--replay",
+        type=Path,
+        action="append",
+        help="folder of recorded predictions ({name}.jsonl); once per model",
+    )
     p.add_argument("--benchmarks", type=Path, help="folder of benchmark files (0_0_*.json ...)")
     p.add_argument(
         "--rule",
@@ -57,56 +84,129 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="how an unread output counts (default: paper for the reference rule, "
         "honest for the project rule)",
     )
+    p.add_argument(
+        "--early-exit",
+        action="store_true",
+        help="also evaluate prompt-only inputs as the guard serves them, stopped before Task 2 "
+        "(project rule)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="a local tokenizer (folder or tokenizer.json) for real decode token counts; "
+        "never fetched from a hub",
+    )
     p.add_argument("--max-new-tokens", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead")
-    p.add_argument("--model-size-label", help="shown in the tables (default: --replay's name)")
+    p.add_argument(
+        "--model-size-label", help="shown in the tables (default: --replay's name; one model)"
+    )
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.engine == "replay" and args.replay is None:
+    if args.engine == "replay" and not args.replay:
         print("evaluate: --replay DIR is required with --engine replay", file=sys.stderr)
         return 2
-    results = asyncio.run(_evaluate_all(args))
+    if args.early_exit and args.rule != "project":
+        print("evaluate: --early-exit needs the project rule", file=sys.stderr)
+        return 2
+    if args.model_size_label and len(args.replay) > 1:
+        print("evaluate: --model-size-label labels one model only", file=sys.stderr)
+        return 2
+    count_tokens: TokenCounter | None = None
+    if args.tokenizer is not None:
+        try:
+            count_tokens = load_token_counter(args.tokenizer)
+        except (OSError, RuntimeError, ValueError) as exc:
+            print(f"evaluate: --tokenizer {args.tokenizer}: {exc}", file=sys.stderr)
+            return 2
+    models = [asyncio.run(_evaluate_model(folder, args, count_tokens)) for folder in args.replay]
     if args.json:
-        print(json.dumps([r.row() for r in results], indent=2))
-    else:
-        label = args.model_size_label or (args.replay.name if args.replay else "model")
-        print(format_tables(results, f"GuardReasoner {label} ({args.engine}, rule: {args.rule})"))
+        note = tokens_note(args.tokenizer)
+        rows = [{**row, "token_count": note} for model in models for row in _rows(model)]
+        print(json.dumps(rows, indent=2))
+        return 0
+    blocks = [
+        format_tables(m.results, f"GuardReasoner {m.label} ({args.engine}, rule: {args.rule})")
+        for m in models
+    ]
+    if args.early_exit:
+        blocks.append(format_early_exit(models, tokens_note(args.tokenizer)))
+    print("\n\n".join(blocks))
     return 0
 
 
-async def _evaluate_all(args: argparse.Namespace) -> list[BenchmarkResult]:
+def tokens_note(tokenizer: Path | None) -> str:
+    """How decode tokens were counted, as the output says it (`token_count` in JSON rows)."""
+    if tokenizer is None:
+        return f"tokens: approximate, {CHARS_PER_TOKEN} chars/token"
+    return (
+        f"tokens: tokenizer {tokenizer} (the text, plus the stop string where it stopped, or "
+        "the end-of-sequence token)"
+    )
+
+
+def _rows(model: ModelResults) -> list[dict[str, object]]:
+    """The JSON rows of one model: the full evaluation's, with the model's label and, with
+    `--early-exit`, the early-exit row of the same benchmark (null where none applies)."""
+    rows = []
+    for result in model.results:
+        row: dict[str, object] = {"model": model.label, **result.row()}
+        if model.early_exit:
+            early = model.early.get(result.benchmark.name)
+            row["early_exit"] = early.row() if early is not None else None
+        rows.append(row)
+    return rows
+
+
+async def _evaluate_model(
+    folder: Path, args: argparse.Namespace, count_tokens: TokenCounter | None
+) -> ModelResults:
     rule: Rule = args.rule
     scoring: Scoring | None = args.scoring
-    results = []
+    label = args.model_size_label or folder.name
+    results: list[BenchmarkResult] = []
+    early: dict[str, BenchmarkResult] = {}
     for benchmark in BENCHMARKS:
-        plan = _plan(benchmark, args)
+        plan = _plan(benchmark, folder, args)
         if plan is None:
             continue
         samples, generate = plan
-        with tqdm(total=len(samples), desc=benchmark.name, file=sys.stderr, unit="sample") as bar:
-            result = await evaluate(
-                benchmark,
-                samples,
-                generate,
-                rule=rule,
-                scoring=scoring,
-                batch_size=args.batch_size,
-                on_progress=_advance(bar),
-            )
-        results.append(result)
-    return results
+        runs = [False]
+        if args.early_exit and any(not s.has_response for s in samples):
+            runs.append(True)
+        for early_exit in runs:
+            desc = f"{label} {benchmark.name}" + (" (early exit)" if early_exit else "")
+            with tqdm(total=len(samples), desc=desc, file=sys.stderr, unit="sample") as bar:
+                result = await evaluate(
+                    benchmark,
+                    samples,
+                    generate,
+                    rule=rule,
+                    scoring=scoring,
+                    batch_size=args.batch_size,
+                    on_progress=_advance(bar),
+                    early_exit=early_exit,
+                    count_tokens=count_tokens,
+                )
+            if early_exit:
+                early[benchmark.name] = result
+            else:
+                results.append(result)
+    return ModelResults(label, results, args.early_exit, early)
 
 
-def _plan(benchmark: Benchmark, args: argparse.Namespace) -> tuple[list[Sample], GenerateFn] | None:
+def _plan(
+    benchmark: Benchmark, folder: Path, args: argparse.Namespace
+) -> tuple[list[Sample], GenerateFn] | None:
     """The samples of one benchmark and the engine's `generate`, or None (with a note on
     stderr) to skip it. Only replay exists so far; an engine that generates for real will take
     its samples from `--benchmarks` (`load_benchmark_samples`) whether or not predictions exist."""
-    prediction: Path = args.replay / f"{benchmark.name}.jsonl"
+    prediction: Path = folder / f"{benchmark.name}.jsonl"
     if not prediction.is_file():
-        _note_skipped(f"no predictions for {benchmark.name} in {args.replay}")
+        _note_skipped(f"no predictions for {benchmark.name} in {folder}")
         return None
     if args.benchmarks is None:
         samples = load_prediction_samples(prediction, benchmark)
@@ -179,4 +279,31 @@ def format_tables(results: list[BenchmarkResult], title: str) -> str:
             for state, n in r.trust.items():
                 states[state] = states.get(state, 0) + n
         lines += ["", "trust states: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items()))]
+    return "\n".join(lines)
+
+
+def format_early_exit(models: list[ModelResults], note: str) -> str:
+    """Per model and benchmark: F1 and decode tokens per verdict, full -> early exit, and the
+    early verdicts generated again in full; n/a where no input is prompt-only."""
+    lines = [
+        f"early exit: prompt-only inputs stop before {EARLY_EXIT_STOP!r}; an untrusted early "
+        "verdict is generated again in full (its tokens: early + full); response inputs are "
+        "generated in full (n/a)",
+        note,
+        "",
+        f"{'model':<7}{'benchmark':<24}{'samples':>9}{'F1 full':>9}{'F1 early':>10}"
+        f"{'tokens full':>13}{'tokens early':>14}{'regenerated':>13}",
+    ]
+    for model in models:
+        for r in model.results:
+            early = model.early.get(r.benchmark.name)
+            line = f"{model.label:<7}{r.benchmark.name:<24}{r.score.samples:>9}{r.score.f1:>9.2f}"
+            if early is None:
+                line += f"{'n/a':>10}{r.tokens_per_verdict:>13.1f}{'n/a':>14}{'n/a':>13}"
+            else:
+                line += (
+                    f"{early.score.f1:>10.2f}{r.tokens_per_verdict:>13.1f}"
+                    f"{early.tokens_per_verdict:>14.1f}{early.regenerated:>13}"
+                )
+            lines.append(line)
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from engine.evaluation import (
     load_prediction_samples,
     score,
 )
+from engine.prompt import EARLY_EXIT_STOP
 from service.cli import main
 from tests.engine.test_parser import README_FIGURES, SIZES
 
@@ -206,8 +207,8 @@ async def test_backend_generate_keeps_how_each_output_ended() -> None:
 
     class Ending(Backend):
         async def generate(
-        self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
-    ) -> list[Generation]:
+            self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
+        ) -> list[Generation]:
             block = "Answers:\nRequest: unharmful\nCompletion: None\nResponse: None"
             return [
                 Generation(block),
@@ -220,3 +221,118 @@ async def test_backend_generate_keeps_how_each_output_ended() -> None:
     result = await evaluate(BY_NAME["HarmBenchPrompt"], samples, generate, batch_size=3)
     assert result.trust == {"engine_error": 1, "final": 1, "truncated": 1}
     assert result.untrusted == 2 and result.score.unparsed == 1
+
+
+# Early exit ---------------------------------------------------------------------------------
+
+PROMPT_SETS = ("HarmBenchPrompt", "AegisSafetyTest", "SimpleSafetyTests")
+APPROXIMATE = "tokens: approximate, 4 chars/token"
+
+
+def test_cli_early_exit_rows(shared_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    replay = str(shared_dir / "predictions" / "1B")
+    rows = _cli_rows(capsys, "--early-exit", "--replay", replay)
+    assert set(rows) == set(README_FIGURES["1B"])
+    for name, row in rows.items():
+        assert row["model"] == "1B"
+        assert row["token_count"] == APPROXIMATE
+        early = row["early_exit"]
+        if name not in PROMPT_SETS:
+            assert early is None, name  # response benchmarks: generated in full
+            continue
+        assert isinstance(early, dict)
+        assert float(early["f1"]) >= float(str(row["f1"]))
+        assert float(early["tokens_per_verdict"]) < float(str(row["tokens_per_verdict"]))
+        assert early["stopped"] == row["samples"] == README_SAMPLES[name]
+        assert 0 <= int(early["regenerated"]) < int(early["stopped"])
+    plain = _cli_rows(capsys, "--replay", replay)
+    assert all("early_exit" not in row for row in plain.values())
+
+
+def test_cli_early_exit_table_for_several_models(
+    shared_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    predictions = shared_dir / "predictions"
+    argv = ["evaluate", "--early-exit", "--replay", str(predictions / "1B")]
+    assert main([*argv, "--replay", str(predictions / "3B")]) == 0
+    out = capsys.readouterr().out
+    assert "GuardReasoner 1B" in out and "GuardReasoner 3B" in out
+    table = out[out.index("early exit:") :]
+    assert APPROXIMATE in table
+    for size in ("1B", "3B"):
+        for name in README_FIGURES[size]:
+            line = re.search(rf"^{size}\s+{name}\s.*$", table, re.MULTILINE)
+            assert line is not None, (size, name)
+            cells = line.group(0).split()
+            assert ("n/a" in cells) == (name not in PROMPT_SETS)
+            if name in PROMPT_SETS:  # F1 full, early; tokens full, early; regenerated
+                f1_full, f1_early, tokens_full, tokens_early = map(float, cells[3:7])
+                assert f1_early >= f1_full and tokens_early < tokens_full
+
+
+@pytest.mark.parametrize("bad", ["rule", "label", "tokenizer"])
+def test_cli_early_exit_refuses_what_it_cannot_do(
+    shared_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path, bad: str
+) -> None:
+    replay = str(shared_dir / "predictions" / "1B")
+    extra = {
+        "rule": ["--rule", "reference"],
+        "label": ["--replay", replay, "--model-size-label", "x"],
+        "tokenizer": ["--tokenizer", str(tmp_path / "nowhere")],
+    }[bad]
+    assert main(["evaluate", "--early-exit", "--replay", replay, *extra]) == 2
+    assert "evaluate:" in capsys.readouterr().err
+
+
+def _word_tokenizer(tmp_path: Path) -> Path:
+    """A tokenizer built here (no hub): one token per word or run of punctuation."""
+    tokenizers = pytest.importorskip("tokenizers", reason="the hf extra is not installed")
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+def _words(text: str) -> int:
+    """The same count, independently of the tokenizer library."""
+    return len(re.findall(r"\w+|[^\w\s]+", text))
+
+
+@pytest.mark.parametrize("form", ["file", "folder"])
+def test_cli_counts_tokens_with_a_local_tokenizer(
+    shared_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path, form: str
+) -> None:
+    path = _word_tokenizer(tmp_path)
+    if form == "folder":
+        transformers = pytest.importorskip("transformers", reason="the hf extra is not installed")
+        folder = tmp_path / "saved"
+        transformers.PreTrainedTokenizerFast(tokenizer_file=str(path)).save_pretrained(folder)
+        path = folder
+    replay = shared_dir / "predictions" / "1B"
+    rows = _cli_rows(capsys, "--early-exit", "--tokenizer", str(path), "--replay", str(replay))
+    row = rows["SimpleSafetyTests"]
+    assert str(row["token_count"]).startswith(f"tokens: tokenizer {path}")
+    records = [
+        json.loads(line)["predict"]
+        for line in (replay / "SimpleSafetyTests.jsonl").read_text(encoding="utf-8").split("\n")
+        if line.strip()
+    ]
+    full = sum(_words(text) + 1 for text in records) / len(records)  # + end of sequence
+    assert float(str(row["tokens_per_verdict"])) == pytest.approx(full)
+    early = row["early_exit"]
+    assert isinstance(early, dict)
+    regenerated = int(early["regenerated"])
+    cut = sum(_words(t[: t.index(EARLY_EXIT_STOP) + len(EARLY_EXIT_STOP)]) for t in records)
+    # the early tokens: every stopped output, plus the full ones of those regenerated
+    assert float(early["tokens_per_verdict"]) * len(records) >= cut
+    assert float(early["tokens_per_verdict"]) * len(records) <= cut + regenerated * max(
+        _words(t) + 1 for t in records
+    )
+    assert "tokens: tokenizer" in _text_run(capsys, "--tokenizer", str(path), str(replay))
+
+
+def _text_run(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    *options, replay = args
+    assert main(["evaluate", "--early-exit", *options, "--replay", replay]) == 0
+    return capsys.readouterr().out

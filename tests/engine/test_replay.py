@@ -11,7 +11,7 @@ import pytest
 
 from engine.backends.base import Backend
 from engine.backends.replay import ReplayBackend
-from engine.prompt import build_model_input
+from engine.prompt import EARLY_EXIT_STOP, build_model_input
 
 #: The shared README: inputs shared by the two XSTest files whose recorded outputs differ.
 XSTEST_CONFLICTS = {"1B": 113, "3B": 82, "8B": 78}
@@ -116,3 +116,57 @@ def test_line_separators_inside_json_strings_do_not_split_records(tmp_path: Path
     record = {"prompt": "a\u2028b\x85c", "predict": "d\u2029e"}
     path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
     assert ReplayBackend(path).outputs == {record["prompt"]: record["predict"]}
+
+
+# Stop strings -----------------------------------------------------------------------------------
+
+
+async def test_stop_cuts_before_the_first_occurrence(shared_dir: Path) -> None:
+    """Every recorded prompt output of a file, replayed with the early-exit stop string: the
+    text before its first occurrence (left out), or the whole output where there is none."""
+    path = shared_dir / "predictions" / "8B" / "AegisSafetyTest.jsonl"
+    records = _records(path)
+    backend = ReplayBackend(path)
+    stops = [EARLY_EXIT_STOP] * len(records)
+    generations = await backend.generate([r["prompt"] for r in records], 10_000, stops)
+    whole = 0
+    for record, generation in zip(records, generations, strict=True):
+        output = record["predict"]
+        at = output.find(EARLY_EXIT_STOP)
+        expected = output if at < 0 else output[:at]
+        whole += at < 0
+        assert generation.text == expected
+        assert EARLY_EXIT_STOP not in generation.text
+        assert generation.finish_reason == "stop"
+        assert generation.tokens == math.ceil(len(expected) / 4)
+    assert 0 < whole < len(records)  # this file has outputs that never write "# Task 2"
+
+
+async def test_stop_applies_per_input_and_before_the_length_cap(shared_dir: Path) -> None:
+    path = shared_dir / "predictions" / "1B" / "SimpleSafetyTests.jsonl"
+    first, second = _records(path)[:2]
+    backend = ReplayBackend(path)
+    inputs = [first["prompt"], second["prompt"]]
+    stopped, unstopped = await backend.generate(inputs, 10_000, [EARLY_EXIT_STOP, None])
+    assert stopped.text == first["predict"][: first["predict"].index(EARLY_EXIT_STOP)]
+    assert unstopped.text == second["predict"]
+    prefix = len(stopped.text)
+    # a cap below the prefix still cuts it, and says so
+    [capped] = await backend.generate([first["prompt"]], prefix // 8, [EARLY_EXIT_STOP])
+    assert capped.finish_reason == "length"
+    assert capped.text == first["predict"][: 4 * (prefix // 8)]
+    # a cap between the prefix and the full output does not: the stop came first
+    between = math.ceil(prefix / 4)
+    assert between < math.ceil(len(first["predict"]) / 4)
+    [fits] = await backend.generate([first["prompt"]], between, [EARLY_EXIT_STOP])
+    assert (fits.text, fits.finish_reason) == (stopped.text, "stop")
+
+
+async def test_malformed_stops_are_refused(shared_dir: Path) -> None:
+    path = shared_dir / "predictions" / "1B" / "SimpleSafetyTests.jsonl"
+    backend = ReplayBackend(path)
+    prompt = _records(path)[0]["prompt"]
+    with pytest.raises(ValueError, match="2 entries for 1 inputs"):
+        await backend.generate([prompt], 100, [None, None])
+    with pytest.raises(ValueError, match="must not be empty"):
+        await backend.generate([prompt], 100, [""])

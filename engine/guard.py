@@ -43,7 +43,7 @@ from opentelemetry.trace import Tracer
 from engine.backends.base import Backend, Generation
 from engine.batcher import BatcherClosed, MicroBatcher
 from engine.cache import VerdictCache, cache_key
-from engine.parser import CONFLICT_RULE, PARSER_VERSION, parse
+from engine.parser import CONFLICT_RULE, PARSER_VERSION, needs_full_output, parse
 from engine.prompt import EARLY_EXIT_STOP, TEMPLATE_VERSION, build_model_input, user_texts
 from engine.retry import RetryPolicy
 from engine.retry import generate as generate_with_retries
@@ -368,11 +368,7 @@ class Guard:
         ]
         # An early-exit output whose Task 1 cannot be read is generated again in full (greedy:
         # the same Task 1, then the final answer block the parser can read).
-        again = [
-            i
-            for i, (gen, v, cut) in enumerate(zip(generations, verdicts, early, strict=True))
-            if cut and gen.finish_reason == "stop" and not v.trusted
-        ]
+        again = [i for i, v in enumerate(verdicts) if needs_full_output(v)]
         if again:
             self.stats.regenerated += len(again)
             full = await self._generate([inputs[i] for i in again], None)
@@ -380,7 +376,7 @@ class Guard:
                 generations[i] = _combined(generations[i], gen)
                 verdicts[i] = self._verdict(gen, False, texts[i], early_exit=False)
         generate_ms = (time.monotonic() - t0) * 1000
-        self.stats.early_exits += sum(getattr(v, "early_exit", False) for v in verdicts)
+        self.stats.early_exits += sum(v.early_exit for v in verdicts)
         if bt is not None:
             bt.generate(t0, t0 + generate_ms / 1000, [g.tokens for g in generations])
         results: list[ModerationResult] = []
@@ -417,12 +413,7 @@ class Guard:
     ) -> Verdict:
         if gen.finish_reason == "error":
             return Verdict(engine_error=gen.error or "engine error", raw=gen.text)
-        if early_exit:  # TODO(early-exit parser): one call once parse takes early_exit
-            verdict = parse(
-                gen.text, has_response=has_response, quoted=quoted, early_exit=True
-            )  # type: ignore[call-arg,unused-ignore]
-        else:
-            verdict = parse(gen.text, has_response=has_response, quoted=quoted)
+        verdict = parse(gen.text, has_response=has_response, quoted=quoted, early_exit=early_exit)
         if gen.finish_reason == "length":
             verdict = verdict.model_copy(update={"truncated": True})
         return verdict

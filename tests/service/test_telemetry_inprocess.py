@@ -311,6 +311,9 @@ async def test_counters_move_by_the_stream(traced: Rig, shared_dir: Path) -> Non
     assert total == 7
     assert value(points, "guardstream_tokens_generated") == rig.guard.stats.tokens > 0
     assert value(points, "guardstream_engine_errors") == 0
+    # the prompts stopped at Task 2 (early exit is on by default)
+    assert value(points, "guardstream_early_exits") == rig.guard.stats.early_exits > 0
+    assert value(points, "guardstream_early_exit_regenerated") == rig.guard.stats.regenerated
     sizes = value(points, "guardstream_batch_size")
     assert (sizes.count, sizes.sum) == (1, 5)  # 5 distinct misses; wave two's hit made none
     assert value(points, "guardstream_batch_wait").count == 5  # p4 joined p0 at its lookup

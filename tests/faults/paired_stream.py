@@ -44,7 +44,9 @@ async def build_stream(folder: Path, names: Sequence[str] = ALL_SETS) -> PairedS
     for name in names:
         bench = benchmarks[name]
         samples = load_prediction_samples(folder / f"{name}.jsonl", bench)
-        result = await evaluate(bench, samples, backend_generate(backend, 4096), rule="project")
+        generate = backend_generate(backend, 4096)
+        # as the worker does by default: prompt-only requests stop at Task 2 (early exit)
+        result = await evaluate(bench, samples, generate, rule="project", early_exit=True)
         out.expected_f1[name] = result.score.f1
         out.gold[name] = {}
         for i, sample in enumerate(samples):

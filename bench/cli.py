@@ -196,7 +196,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--util-mix", choices=["pairs", "prompts"], default="pairs")
     g.add_argument(
         "--util-modes",
-        default="batch:32x2,batch:16x16,request",
+        default="batch:32x2,batch:4x64,request",
         help="admission modes, comma-separated: batch:SIZExIN_FLIGHT, request (the preset's max "
         "sequences) or request:N",
     )
@@ -209,8 +209,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--util-settle-seconds",
         type=float,
-        default=5.0,
-        help="delivered throughput is counted from this many seconds into each level",
+        default=8.0,
+        help="a level's delivered throughput counts the verdicts in a window as long as the "
+        "level and this many seconds later (a verdict comes seconds after its request)",
     )
     g.add_argument(
         "--util-drain-seconds",

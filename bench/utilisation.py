@@ -14,9 +14,12 @@ measured twice on the same requests (`bench.workload`) at the same offered loads
   verdict's receipt.
 
 The levels run back to back on one worker per admission mode (a level's last, longest
-generations finish during the next one's start, alike in both measurements); delivered
-throughput is the verdicts that arrived between `settle` seconds into a level and its end, per
-second.
+generations finish during the next one's start, alike in both measurements); a level's
+delivered throughput is the verdicts that arrived in a window as long as the level, `settle`
+seconds later than it (what its load brought about: a verdict comes seconds after its request).
+The service's verdicts leave each input partition in offset order, so a verdict also waits for
+every earlier one of its partition: `p99_ready_ms` is its p99 to the verdict being ready in the
+worker (the event's `produced_at`), before that wait.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +124,7 @@ def _level_figures(
     seconds: float,
     settle: float,
     end_of_wait: float,
+    ready: dict[str, float] | None = None,  # event id -> verdict ready in the worker
 ) -> dict[str, Any]:
     """One level's figures, alike for the engine alone and the service: offered and delivered
     rates, latency percentiles (an event never delivered counts as waiting until `end_of_wait`:
@@ -132,12 +137,17 @@ def _level_figures(
         (times[e.id][1] - times[e.id][0]) * 1000 if e.id in times else (end_of_wait - e.at) * 1000
         for e in mine
     ]
-    in_window = sum(1 for _, done in times.values() if start + settle <= done < stop)
+    in_window = sum(1 for _, done in times.values() if start + settle <= done < stop + settle)
     answered = sum(1 for _, done in times.values() if done < stop)
+    figures: dict[str, Any] = {}
+    if ready is not None:
+        to_ready = [(ready[e.id] - times[e.id][0]) * 1000 for e in mine if e.id in ready]
+        figures["p99_ready_ms"] = round(percentile(to_ready, 99), 1)
     return {
+        **figures,
         "events": len(mine),
         "offered_rate": round(len(mine) / seconds, 2),
-        "delivered_rate": round(in_window / max(seconds - settle, 1e-9), 2),
+        "delivered_rate": round(in_window / seconds, 2),
         "undelivered": sum(1 for e in mine if e.id not in times),
         "outstanding_at_end": sum(1 for e in events if e.at < stop) - answered,
         "p50_ms": round(percentile(latency, 50), 1),
@@ -196,6 +206,17 @@ async def _send(producer: AIOKafkaProducer, target: Target, e: Event) -> float:
     return at
 
 
+@dataclass
+class Session:
+    """What one worker's run measured; times in seconds from the schedule's start."""
+
+    times: dict[str, tuple[float, float]]  # event id -> (sent, verdict received)
+    ready: dict[str, float]  # event id -> verdict ready in the worker (`produced_at`)
+    snapshots: list[dict[str, Any]]  # the worker's counters: start, each level's end, the end
+    waited: float  # when the bench stopped waiting for verdicts
+    complete: bool  # a verdict for every event
+
+
 async def _session(
     env: Env,
     target: Target,
@@ -203,14 +224,11 @@ async def _session(
     warm: Sequence[Event],
     events: Sequence[Event],
     say: Say,
-) -> tuple[dict[str, tuple[float, float]], list[dict[str, Any]], float, bool]:
-    """Warm up, send `events` on their schedule, wait for the verdicts. Returns per event id
-    (sent, received) in seconds from the schedule's start; snapshots of the worker's counters
-    at the start, at the end of each level and after the wait; when the wait ended; whether
-    every verdict arrived."""
+) -> Session:
+    """Warm up, send `events` on their schedule, wait for the verdicts (see `Session`)."""
     assert target.worker is not None
     collector = Collector(
-        env.bootstrap, target.output_topic, env.partitions, keep_values=False, by_source_id=True
+        env.bootstrap, target.output_topic, env.partitions, keep_values=True, by_source_id=True
     )
     await collector.start()
     producer = new_producer(env.bootstrap)
@@ -235,16 +253,18 @@ async def _session(
             await _sleep_until(t0 + len(snapshots) * plan.level_seconds)
             snapshots.append(_snapshot(target, t0))
         say(f"    sent {len(sent)} events; waiting for the last verdicts")
-        complete = await _drain(collector, [k.encode() for k in sent], plan.drain_seconds)
+        await _drain(collector, [k.encode() for k in sent], plan.drain_seconds)
         waited = time.time() - t0
+        times, ready = {}, {}
+        for k, at in sent.items():
+            rec = collector.records.get(k.encode())
+            if rec is not None:
+                times[k] = (at - t0, rec.at - t0)
+                produced = datetime.fromisoformat(str(rec.event()["produced_at"]))
+                ready[k] = produced.timestamp() - t0
         await asyncio.sleep(0.3)  # the worker's counters are written every 0.2 s
         snapshots.append(_snapshot(target, t0))  # after the wait: the whole run's model calls
-        times = {
-            k: (at - t0, collector.records[k.encode()].at - t0)
-            for k, at in sent.items()
-            if k.encode() in collector.records
-        }
-        return times, snapshots, waited, complete
+        return Session(times, ready, snapshots, waited, len(times) == len(events))
     finally:
         await producer.stop()
         await collector.stop()
@@ -354,14 +374,15 @@ def utilisation(env: Env, plan: UtilisationPlan, shared: Path, say: Say) -> dict
         warm_load.turns = len(pairs) * 1000  # texts that never occur in the schedule
         warm = [e for _ in range(plan.warmup_turns) for e in warm_load.turn(0.0, -1)]
         with worker_target(env, _settings(plan, mode), bench_env) as target:
-            times, snaps, waited, complete = asyncio.run(
-                _session(env, target, plan, warm, events, say)
-            )
-            if not complete:
+            run = asyncio.run(_session(env, target, plan, warm, events, say))
+            if not run.complete:
                 target.proc.kill()  # an overloaded backlog: no graceful drain of minutes
+        times, snaps = run.times, run.snapshots
         rows = []
         for i, load in enumerate(plan.loads):
-            row = _level_figures(events, times, i, plan.level_seconds, plan.settle_seconds, waited)
+            row = _level_figures(
+                events, times, i, plan.level_seconds, plan.settle_seconds, run.waited, run.ready
+            )
             engine_row = alone[i]
             row.update(
                 load=load,
@@ -375,8 +396,8 @@ def utilisation(env: Env, plan: UtilisationPlan, shared: Path, say: Say) -> dict
             rows.append(row)
             say(
                 f"    {load:.0%}: delivered {row['delivered_rate']}/s "
-                f"({row['ratio_capacity']:.2f} of capacity), p99 {row['p99_ms']} ms "
-                f"(engine alone {engine_row['p99_ms']} ms), engine running "
+                f"({row['ratio_capacity']:.2f} of capacity), p99 {row['p99_ms']} ms, to ready "
+                f"{row.get('p99_ready_ms')} ms (engine alone {engine_row['p99_ms']} ms), running "
                 f"{row['engine_mean_running']}"
             )
         whole = _counters(snaps[0], snaps[-1], snaps[-1]["at"] - snaps[0]["at"])
@@ -386,7 +407,7 @@ def utilisation(env: Env, plan: UtilisationPlan, shared: Path, say: Say) -> dict
                 "settings": mode.settings(),
                 "sent": len(events),
                 "delivered": len(times),
-                "complete": complete,
+                "complete": run.complete,
                 # every event a cache miss: as many model inputs, more where early exit's
                 # Task 1 could not be read and the request was generated again in full
                 "model_inputs": whole["model_inputs"],

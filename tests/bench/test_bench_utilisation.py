@@ -66,6 +66,7 @@ def test_every_mode_has_a_row_per_load_and_the_engine_alone_too(util_run: Path) 
             assert row["offered_rate"] == alone["offered_rate"]
             assert row["engine_p99_ms"] == alone["p99_ms"]
             assert 0 < row["p50_ms"] <= row["p99_ms"]
+            assert 0 < row["p99_ready_ms"] <= row["p99_ms"] * 1.01
             assert row["delivered_rate"] >= 0
             assert row["ratio_capacity"] == pytest.approx(
                 row["delivered_rate"] / u["capacity"], abs=1e-3
@@ -86,8 +87,9 @@ def test_request_admission_loses_nothing(util_run: Path) -> None:
     assert request["sent"] == sent
     assert request["complete"] and request["delivered"] == sent  # a verdict for every event
     assert all(r["undelivered"] == 0 for r in request["rows"])
-    # every event a cache miss (fresh salt): at least one model input each
+    # every event a cache miss (fresh salt): at least one model input each, each its own call
     assert request["model_inputs"] >= sent
+    assert request["model_calls"] == request["model_inputs"]
     # the engine ran sequences; the worker's counters came through
     assert any(r["engine_mean_running"] > 0 for r in request["rows"])
     batch = next(m for m in u["modes"] if m["mode"] == "batch 32x2")

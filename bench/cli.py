@@ -210,8 +210,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--util-settle-seconds",
         type=float,
         default=8.0,
-        help="a level's delivered throughput counts the verdicts in a window as long as the "
-        "level and this many seconds later (a verdict comes seconds after its request)",
+        help="a level's delivered throughput counts the verdicts received from this many "
+        "seconds into it (past the change of load) to its end",
     )
     g.add_argument(
         "--util-drain-seconds",

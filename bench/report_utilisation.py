@@ -80,8 +80,8 @@ def text(u: dict[str, Any]) -> str:
         f"({cap['sample']} requests queued at once, {cap['mean_decode_steps']} decode steps per "
         "request on average); levels of "
         f"{u['level_seconds']:g} s back to back, Poisson arrivals (seed {u['seed']}), delivered: "
-        f"verdicts in a window as long as the level and {u['settle_seconds']:g} s later, per "
-        "second; latency: produce -> verdict received (service), arrival -> last decode step "
+        f"verdicts received from {u['settle_seconds']:g} s into a level to its end, per second; "
+        "latency: produce -> verdict received (service), arrival -> last decode step "
         "(engine alone, same requests, same times)\n",
     ]
     rows = [

@@ -15,8 +15,8 @@ measured twice on the same requests (`bench.workload`) at the same offered loads
 
 The levels run back to back on one worker per admission mode (a level's last, longest
 generations finish during the next one's start, alike in both measurements); a level's
-delivered throughput is the verdicts that arrived in a window as long as the level, `settle`
-seconds later than it (what its load brought about: a verdict comes seconds after its request).
+delivered throughput is the verdicts that arrived from `settle` seconds into it (past the
+change of load: a verdict comes seconds after its request) to its end, per second.
 The service's verdicts leave each input partition in offset order, so a verdict also waits for
 every earlier one of its partition: `p99_ready_ms` is its p99 to the verdict being ready in the
 worker (the event's `produced_at`), before that wait.
@@ -137,7 +137,7 @@ def _level_figures(
         (times[e.id][1] - times[e.id][0]) * 1000 if e.id in times else (end_of_wait - e.at) * 1000
         for e in mine
     ]
-    in_window = sum(1 for _, done in times.values() if start + settle <= done < stop + settle)
+    in_window = sum(1 for _, done in times.values() if start + settle <= done < stop)
     answered = sum(1 for _, done in times.values() if done < stop)
     figures: dict[str, Any] = {}
     if ready is not None:
@@ -147,7 +147,7 @@ def _level_figures(
         **figures,
         "events": len(mine),
         "offered_rate": round(len(mine) / seconds, 2),
-        "delivered_rate": round(in_window / seconds, 2),
+        "delivered_rate": round(in_window / (seconds - settle), 2),
         "undelivered": sum(1 for e in mine if e.id not in times),
         "outstanding_at_end": sum(1 for e in events if e.at < stop) - answered,
         "p50_ms": round(percentile(latency, 50), 1),

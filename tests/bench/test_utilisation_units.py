@@ -115,12 +115,12 @@ def test_level_figures_count_the_window_and_what_is_outstanding() -> None:
     ready = {k: sent + 0.5 for k, (sent, _) in times.items()}
     first = _level_figures(events, times, 0, 10.0, 2.0, end_of_wait=30.0, ready=ready)
     assert first["events"] == 10 and first["offered_rate"] == 1.0
-    assert first["delivered_rate"] == 1.0  # in [2, 12): those sent at 0 to 9
+    assert first["delivered_rate"] == 1.0  # in [2, 10): those sent at 0 to 7
     assert first["undelivered"] == 0 and first["outstanding_at_end"] == 2  # sent at 8 and 9
     assert first["p99_ready_ms"] == pytest.approx(500)
     assert first["p50_ms"] == pytest.approx(2000) and first["p99_ms"] == pytest.approx(2000)
     second = _level_figures(events, times, 1, 10.0, 2.0, end_of_wait=30.0)
-    assert second["undelivered"] == 1 and second["delivered_rate"] == 0.9
+    assert second["undelivered"] == 1 and second["delivered_rate"] == 1.0  # 8 in [12, 20)
     assert "p99_ready_ms" not in second  # the engine alone has no such split
     assert second["p99_ms"] > 10_000  # e19 counts as waiting until the end of the wait
 

@@ -45,11 +45,13 @@ import re
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 from typing import Literal, Protocol
 
 from engine.backends.base import Backend, Generation, Stops
 from engine.backends.replay import approx_tokens
+from engine.cascade import DEFAULT_POLICY, SIGNALS, EscalationPolicy, Signal, escalation_reason
 from engine.parser import (
     CONFLICT_RULE,
     TASK_LABELS,
@@ -335,6 +337,67 @@ def f1_percent(pairs: Sequence[tuple[str, str]], positive: str) -> float:
     return 100.0 * 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One sample's verdict as the guard serves it: the `output` it was read from (the full
+    one where an early verdict was generated again), the `verdict`, the decode `tokens` of every
+    generation it took, whether it was generated with the stop string (`stopped`) and again in
+    full (`regenerated`)."""
+
+    output: str | Generation
+    verdict: Verdict
+    tokens: int
+    stopped: bool = False
+    regenerated: bool = False
+
+
+async def serve(
+    samples: Sequence[Sample],
+    generate: GenerateFn,
+    *,
+    early_exit: bool = False,
+    count_tokens: TokenCounter | None = None,
+) -> list[Served]:
+    """The guard's verdicts for one batch of samples (project rule; module docstring, early
+    exit): prompt-only inputs generated with the stop string when `early_exit`, and any early
+    verdict that `needs_full_output` generated again in full, without it."""
+    inputs = [s.model_input for s in samples]
+    stops = [EARLY_EXIT_STOP if early_exit and not s.has_response else None for s in samples]
+    outputs = await _generate(generate, inputs, stops)
+    served = []
+    for out, sample, until in zip(outputs, samples, stops, strict=True):
+        verdict = project_verdict(out, sample, early_exit=until is not None)
+        tokens = decode_tokens(out, verdict, count_tokens)
+        served.append(Served(out, verdict, tokens, stopped=until is not None))
+    again = [k for k, one in enumerate(served) if needs_full_output(one.verdict)]
+    if again:  # as the guard does: generated again in full, without the stop string
+        full = await _generate(generate, [inputs[k] for k in again], None)
+        for k, out in zip(again, full, strict=True):
+            verdict = project_verdict(out, samples[k])
+            tokens = served[k].tokens + decode_tokens(out, verdict, count_tokens)
+            served[k] = Served(out, verdict, tokens, stopped=True, regenerated=True)
+    return served
+
+
+async def serve_all(
+    samples: Sequence[Sample],
+    generate: GenerateFn,
+    *,
+    batch_size: int = 32,
+    on_progress: Callable[[int], None] | None = None,
+    early_exit: bool = False,
+    count_tokens: TokenCounter | None = None,
+) -> list[Served]:
+    """`serve` over all `samples`, in batches of `batch_size`."""
+    served: list[Served] = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        served += await serve(batch, generate, early_exit=early_exit, count_tokens=count_tokens)
+        if on_progress is not None:
+            on_progress(len(batch))
+    return served
+
+
 async def evaluate(
     benchmark: Benchmark,
     samples: Sequence[Sample],
@@ -351,59 +414,65 @@ async def evaluate(
     `early_exit` and `count_tokens`: see the module docstring."""
     if early_exit and rule != "project":
         raise ValueError("early exit is evaluated with the project rule only")
+    chosen: Scoring = scoring or ("paper" if rule == "reference" else "honest")
+    if rule == "project":
+        served = await serve_all(
+            samples,
+            generate,
+            batch_size=batch_size,
+            on_progress=on_progress,
+            early_exit=early_exit,
+            count_tokens=count_tokens,
+        )
+        return project_result(benchmark, samples, served, chosen, early_exit=early_exit)
+    task = benchmark.task
+    predicted: list[str | None] = []
+    tokens = 0
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        outputs = await _generate(generate, [s.model_input for s in batch], None)
+        for out in outputs:
+            predicted.append(reference_labels(_text(out))[task])
+            tokens += decode_tokens(out, Verdict(), count_tokens)
+        if on_progress is not None:
+            on_progress(len(batch))
+    result = score([s.gold for s in samples], predicted, task, chosen)
+    return BenchmarkResult(benchmark, result, tokens=tokens)
+
+
+def project_result(
+    benchmark: Benchmark,
+    samples: Sequence[Sample],
+    served: Sequence[Served],
+    scoring: Scoring = "honest",
+    *,
+    early_exit: bool = False,
+) -> BenchmarkResult:
+    """The project rule's result of `served` verdicts of `samples`: F1, trust states, the other
+    conflict rule's F1, decode tokens, early-exit counts."""
     task = benchmark.task
     predicted: list[str | None] = []
     other: list[str | None] = []
     trust: Counter[str] = Counter()
-    tokens = stopped = regenerated = 0
-    for start in range(0, len(samples), batch_size):
-        batch = samples[start : start + batch_size]
-        inputs = [s.model_input for s in batch]
-        stops = [EARLY_EXIT_STOP if early_exit and not s.has_response else None for s in batch]
-        outputs = await _generate(generate, inputs, stops)
-        if rule == "reference":
-            for out in outputs:
-                predicted.append(reference_labels(_text(out))[task])
-                tokens += decode_tokens(out, Verdict(), count_tokens)
-        else:
-            judged = [
-                (out, project_verdict(out, sample, early_exit=until is not None))
-                for out, sample, until in zip(outputs, batch, stops, strict=True)
-            ]
-            tokens += sum(decode_tokens(out, v, count_tokens) for out, v in judged)
-            stopped += sum(until is not None for until in stops)
-            again = [k for k, (_, verdict) in enumerate(judged) if needs_full_output(verdict)]
-            if again:  # as the guard does: generated again in full, without the stop string
-                full = await _generate(generate, [inputs[k] for k in again], None)
-                for k, out in zip(again, full, strict=True):
-                    judged[k] = (out, project_verdict(out, batch[k]))
-                    tokens += decode_tokens(out, judged[k][1], count_tokens)
-                regenerated += len(again)
-            for (out, verdict), sample in zip(judged, batch, strict=True):
-                trust[verdict.trust] += 1
-                predicted.append(_label(verdict, task))
-                if verdict.found == "conflicting":
-                    verdict = project_verdict(
-                        out, sample, OTHER_CONFLICT_RULE, early_exit=verdict.early_exit
-                    )
-                other.append(_label(verdict, task))
-        if on_progress is not None:
-            on_progress(len(batch))
-    chosen: Scoring = scoring or ("paper" if rule == "reference" else "honest")
+    for one, sample in zip(served, samples, strict=True):
+        verdict = one.verdict
+        trust[verdict.trust] += 1
+        predicted.append(_label(verdict, task))
+        if verdict.found == "conflicting":
+            verdict = project_verdict(
+                one.output, sample, OTHER_CONFLICT_RULE, early_exit=verdict.early_exit
+            )
+        other.append(_label(verdict, task))
     gold = [s.gold for s in samples]
-    result = score(gold, predicted, task, chosen)
-    if rule == "reference":
-        return BenchmarkResult(benchmark, result, tokens=tokens)
-    f1_other = score(gold, other, task, chosen).f1
     return BenchmarkResult(
         benchmark,
-        result,
+        score(gold, predicted, task, scoring),
         dict(sorted(trust.items())),
-        f1_other,
-        tokens=tokens,
+        score(gold, other, task, scoring).f1,
+        tokens=sum(one.tokens for one in served),
         early_exit=early_exit,
-        stopped=stopped,
-        regenerated=regenerated,
+        stopped=sum(one.stopped for one in served),
+        regenerated=sum(one.regenerated for one in served),
     )
 
 
@@ -436,3 +505,264 @@ def backend_generate(backend: Backend, max_new_tokens: int) -> GenerateFn:
         return await backend.generate(inputs, max_new_tokens, stop)
 
     return generate
+
+
+#: Parameters (billions) of the cascade's models, which weight their decode tokens into a cost:
+#: GuardReasoner-1B (Llama 3.2 1B) answers first, GuardReasoner-8B (Llama 3.1 8B) on escalation.
+#: A decode step's cost grows about with the parameters read per token (weights-bound decode).
+FIRST_PARAMS_B = 1.24
+SECOND_PARAMS_B = 8.03
+
+
+def candidate_policies() -> list[EscalationPolicy]:
+    """Every escalation policy: each subset of `engine.cascade.SIGNALS`, the empty one (the first
+    model alone) first, then by size, in `SIGNALS` order."""
+    return [
+        EscalationPolicy(frozenset(combo))
+        for size in range(len(SIGNALS) + 1)
+        for combo in combinations(SIGNALS, size)
+    ]
+
+
+def quoted_texts(sample: Sample) -> tuple[str | None, ...]:
+    """The user's texts of `sample`'s model input (what `parse` and the signals are given)."""
+    try:
+        return split_model_input(sample.model_input)
+    except ValueError:  # not GuardReasoner's format (a stand-in engine's input): nothing quoted
+        return ()
+
+
+def cascade_verdict(first: Verdict, second: Verdict | None) -> Verdict:
+    """The verdict a cascade publishes: the second model's where the request was escalated
+    (`second` given) and the second model gave an output; else the first model's (an escalated
+    request whose second generation failed, `engine_error`, keeps the first verdict)."""
+    if second is None or second.engine_error is not None:
+        return first
+    return second
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeOutcome:
+    """One request through the cascade: the `verdict` published (and scored), why it was
+    escalated (`reason`, None: the first verdict stands), whether the second model failed on it
+    (`second_failed`: the first verdict stands), the decode tokens of each model."""
+
+    verdict: Verdict
+    reason: Signal | None
+    second_failed: bool
+    first_tokens: int
+    second_tokens: int
+
+
+def cascade_outcome(
+    sample: Sample, first: Served, second: Served | None, policy: EscalationPolicy
+) -> CascadeOutcome:
+    """What the streaming guard does with one request: the first model's verdict ->
+    `escalation_reason` -> if escalated, the second model's (`cascade_verdict`). `second`: the
+    second model's served verdict of the same input (needed only where escalated)."""
+    reason = escalation_reason(
+        first.verdict, policy, has_response=sample.has_response, quoted=quoted_texts(sample)
+    )
+    if reason is None:
+        return CascadeOutcome(first.verdict, None, False, first.tokens, 0)
+    if second is None:
+        raise ValueError(f"escalated ({reason}) without the second model's verdict")
+    failed = second.verdict.engine_error is not None
+    verdict = cascade_verdict(first.verdict, second.verdict)
+    return CascadeOutcome(verdict, reason, failed, first.tokens, second.tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeResult:
+    """One policy's cascade on one benchmark: its score, the requests escalated (and per signal,
+    the first that fired), those whose second generation failed, each model's decode tokens."""
+
+    benchmark: Benchmark
+    policy: EscalationPolicy
+    score: Score
+    escalated: int
+    reasons: dict[str, int]
+    second_failed: int
+    first_tokens: int
+    second_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeEvaluation:
+    """A benchmark through two models: each alone (`first`, `second`, as the guard serves it)
+    and the cascade of each policy asked for."""
+
+    benchmark: Benchmark
+    first: BenchmarkResult
+    second: BenchmarkResult
+    cascades: list[CascadeResult]
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeRow:
+    """One line of the cascade report: a policy (or the second model alone, `policy` None) on a
+    benchmark (or over all, `benchmark` None, F1 weighted by samples); `cost`: decode tokens
+    weighted by parameters, against the second model alone on the same samples."""
+
+    policy: EscalationPolicy | None
+    benchmark: Benchmark | None
+    samples: int
+    escalated: int
+    f1: float
+    first_tokens: int
+    second_tokens: int
+    cost: float
+    second_failed: int = 0
+
+    @property
+    def escalation_rate(self) -> float:
+        """Escalated requests, percent."""
+        return 100.0 * self.escalated / self.samples if self.samples else 0.0
+
+    def row(self) -> dict[str, object]:
+        """The JSON row."""
+        return {
+            "policy": self.policy.name if self.policy is not None else "second alone",
+            "benchmark": self.benchmark.name if self.benchmark is not None else "overall",
+            "samples": self.samples,
+            "escalated": self.escalated,
+            "escalation_rate": self.escalation_rate,
+            "f1": self.f1,
+            "first_tokens_per_verdict": self.first_tokens / self.samples if self.samples else 0.0,
+            "second_tokens_per_verdict": self.second_tokens / self.samples if self.samples else 0.0,
+            "cost_vs_second": self.cost,
+            "second_failed": self.second_failed,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """One benchmark's share of a report line; `alone`: the second model's decode tokens alone."""
+
+    samples: int
+    escalated: int
+    f1: float
+    first_tokens: int
+    second_tokens: int
+    second_failed: int
+    alone: int
+
+    @classmethod
+    def of_second(cls, e: CascadeEvaluation) -> _Part:
+        s = e.second
+        return cls(s.score.samples, s.score.samples, s.score.f1, 0, s.tokens, 0, s.tokens)
+
+    @classmethod
+    def of(cls, e: CascadeEvaluation, c: CascadeResult) -> _Part:
+        return cls(
+            c.score.samples,
+            c.escalated,
+            c.score.f1,
+            c.first_tokens,
+            c.second_tokens,
+            c.second_failed,
+            e.second.tokens,
+        )
+
+
+def cascade_rows(
+    evaluations: Sequence[CascadeEvaluation],
+    *,
+    first_params: float = FIRST_PARAMS_B,
+    second_params: float = SECOND_PARAMS_B,
+) -> list[CascadeRow]:
+    """The report's lines: the second model alone, then each policy of the evaluations (in the
+    first one's order; ``none`` is the first model alone), each on every benchmark then over
+    all of them."""
+
+    def row(
+        policy: EscalationPolicy | None, benchmark: Benchmark | None, parts: list[_Part]
+    ) -> CascadeRow:
+        samples = sum(p.samples for p in parts)
+        first = sum(p.first_tokens for p in parts)
+        second = sum(p.second_tokens for p in parts)
+        alone = sum(p.alone for p in parts) * second_params
+        return CascadeRow(
+            policy,
+            benchmark,
+            samples,
+            sum(p.escalated for p in parts),
+            sum(p.f1 * p.samples for p in parts) / samples if samples else 0.0,
+            first,
+            second,
+            (first * first_params + second * second_params) / alone if alone else 0.0,
+            sum(p.second_failed for p in parts),
+        )
+
+    rows: list[CascadeRow] = []
+    policies: list[EscalationPolicy | None] = [None]
+    if evaluations:
+        policies += [c.policy for c in evaluations[0].cascades]
+    for k, policy in enumerate(policies):
+        parts = [
+            _Part.of_second(e) if policy is None else _Part.of(e, e.cascades[k - 1])
+            for e in evaluations
+        ]
+        rows += [row(policy, e.benchmark, [p]) for e, p in zip(evaluations, parts, strict=True)]
+        rows.append(row(policy, None, parts))
+    return rows
+
+
+async def evaluate_cascade(
+    benchmark: Benchmark,
+    samples: Sequence[Sample],
+    first: GenerateFn,
+    second: GenerateFn,
+    policies: Sequence[EscalationPolicy] = (DEFAULT_POLICY,),
+    *,
+    early_exit: bool = True,
+    batch_size: int = 32,
+    on_progress: Callable[[int], None] | None = None,
+    count_tokens: TokenCounter | None = None,
+) -> CascadeEvaluation:
+    """The cascade of each of `policies` on one benchmark, and each model alone, all served as
+    the guard serves them (`serve`: early exit for both models on prompt-only inputs unless
+    `early_exit` is off, a Task 1 it cannot read generated again in full) and scored honestly.
+
+    The second model serves every input once (for its column alone); a policy's cascade takes
+    its verdict and tokens only for the inputs it escalates (`cascade_outcome`), which is what the
+    guard generates for a deterministic (greedy) engine. `on_progress` counts both models'
+    samples."""
+    served_first, served_second = [
+        await serve_all(
+            samples,
+            generate,
+            batch_size=batch_size,
+            on_progress=on_progress,
+            early_exit=early_exit,
+            count_tokens=count_tokens,
+        )
+        for generate in (first, second)
+    ]
+    task = benchmark.task
+    gold = [s.gold for s in samples]
+    cascades = []
+    for policy in policies:
+        outcomes = [
+            cascade_outcome(sample, one, other, policy)
+            for sample, one, other in zip(samples, served_first, served_second, strict=True)
+        ]
+        reasons = Counter(o.reason for o in outcomes if o.reason is not None)
+        cascades.append(
+            CascadeResult(
+                benchmark,
+                policy,
+                score(gold, [_label(o.verdict, task) for o in outcomes], task, "honest"),
+                sum(o.reason is not None for o in outcomes),
+                {signal: reasons[signal] for signal in SIGNALS if reasons[signal]},
+                sum(o.second_failed for o in outcomes),
+                sum(o.first_tokens for o in outcomes),
+                sum(o.second_tokens for o in outcomes),
+            )
+        )
+    return CascadeEvaluation(
+        benchmark,
+        project_result(benchmark, samples, served_first, early_exit=early_exit),
+        project_result(benchmark, samples, served_second, early_exit=early_exit),
+        cascades,
+    )

@@ -12,6 +12,16 @@ be given once per model (each folder's name labels it).
 and with it, and how many verdicts were generated again in full. Token counts are a local
 tokenizer's with `--tokenizer PATH`, else the backend's own (the replay's: one per 4 chars); the
 output says which.
+
+`--escalate-replay DIR` evaluates the guard cascade instead (`engine.cascade`): the `--replay`
+model answers, the `--escalate-replay` model only where `--escalate-policy` (default
+`engine.cascade.DEFAULT_POLICY`) escalates; each benchmark reads its own file in both folders.
+Both models are served as the guard serves them (early exit on prompt-only inputs, an unreadable
+Task 1 generated again in full; `--cascade-full-output`: no early exit). The report gives, per
+benchmark and over all (weighted by samples), the escalation rate, F1, decode tokens per verdict
+of each model and the decode cost weighted by parameters (`--first-params`, `--second-params`,
+in billions) against the second model alone, for the second model alone, the first alone (policy
+``none``) and the policy; `--compare-policies` gives every candidate policy side by side.
 """
 
 from __future__ import annotations
@@ -27,19 +37,27 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine.backends.replay import CHARS_PER_TOKEN, ReplayBackend
+from engine.cascade import DEFAULT_POLICY, EscalationPolicy
 from engine.evaluation import (
     BENCHMARKS,
+    FIRST_PARAMS_B,
     OTHER_CONFLICT_RULE,
+    SECOND_PARAMS_B,
     TABLES,
     Benchmark,
     BenchmarkResult,
+    CascadeEvaluation,
+    CascadeRow,
     GenerateFn,
     Rule,
     Sample,
     Scoring,
     TokenCounter,
     backend_generate,
+    candidate_policies,
+    cascade_rows,
     evaluate,
+    evaluate_cascade,
     load_benchmark_samples,
     load_prediction_samples,
     load_token_counter,
@@ -96,6 +114,42 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="a local tokenizer (folder or tokenizer.json) for real decode token counts; "
         "never fetched from a hub",
     )
+    p.add_argument(
+        "--escalate-replay",
+        type=Path,
+        help="the cascade's second model: folder of its recorded predictions; evaluates the "
+        "cascade of --replay (one folder) and this one",
+    )
+    p.add_argument(
+        "--escalate-policy",
+        type=_policy,
+        default=DEFAULT_POLICY,
+        help="the signals that escalate, comma separated (engine.cascade.SIGNALS), or none "
+        f"(default: {DEFAULT_POLICY.name})",
+    )
+    p.add_argument(
+        "--compare-policies",
+        action="store_true",
+        help="with --escalate-replay: every candidate policy side by side",
+    )
+    p.add_argument(
+        "--cascade-full-output",
+        action="store_true",
+        help="with --escalate-replay: generate prompt-only inputs in full (the guard with early "
+        "exit off)",
+    )
+    p.add_argument(
+        "--first-params",
+        type=float,
+        default=FIRST_PARAMS_B,
+        help=f"the first model's parameters, billions (default {FIRST_PARAMS_B})",
+    )
+    p.add_argument(
+        "--second-params",
+        type=float,
+        default=SECOND_PARAMS_B,
+        help=f"the second model's parameters, billions (default {SECOND_PARAMS_B})",
+    )
     p.add_argument("--max-new-tokens", type=int, default=4096)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print a JSON list of rows instead")
@@ -122,6 +176,11 @@ def _run(args: argparse.Namespace) -> int:
         except (OSError, RuntimeError, ValueError) as exc:
             print(f"evaluate: --tokenizer {args.tokenizer}: {exc}", file=sys.stderr)
             return 2
+    if args.escalate_replay is not None:
+        return _run_cascade(args, count_tokens)
+    if args.compare_policies or args.cascade_full_output:
+        print("evaluate: the cascade options need --escalate-replay", file=sys.stderr)
+        return 2
     models = [asyncio.run(_evaluate_model(folder, args, count_tokens)) for folder in args.replay]
     if args.json:
         note = tokens_note(args.tokenizer)
@@ -136,6 +195,124 @@ def _run(args: argparse.Namespace) -> int:
         blocks.append(format_early_exit(models, tokens_note(args.tokenizer)))
     print("\n\n".join(blocks))
     return 0
+
+
+def _policy(text: str) -> EscalationPolicy:
+    try:
+        return EscalationPolicy.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _run_cascade(args: argparse.Namespace, count_tokens: TokenCounter | None) -> int:
+    if len(args.replay) != 1:
+        print("evaluate: --escalate-replay takes one --replay folder", file=sys.stderr)
+        return 2
+    if args.rule != "project" or args.early_exit:
+        print("evaluate: the cascade is evaluated with the project rule only", file=sys.stderr)
+        return 2
+    policies = candidate_policies() if args.compare_policies else _policies(args.escalate_policy)
+    evaluations = asyncio.run(_evaluate_cascade(args, policies, count_tokens))
+    rows = cascade_rows(
+        evaluations, first_params=args.first_params, second_params=args.second_params
+    )
+    if args.json:
+        note = tokens_note(args.tokenizer)
+        print(json.dumps([{**row.row(), "token_count": note} for row in rows], indent=2))
+        return 0
+    print(format_cascade(rows, args, args.replay[0].name, args.escalate_replay.name))
+    return 0
+
+
+def _policies(policy: EscalationPolicy) -> list[EscalationPolicy]:
+    """The policies of a single-policy report: the first model alone (``none``), the policy."""
+    alone = EscalationPolicy(frozenset())
+    return [alone] if policy == alone else [alone, policy]
+
+
+async def _evaluate_cascade(
+    args: argparse.Namespace, policies: list[EscalationPolicy], count_tokens: TokenCounter | None
+) -> list[CascadeEvaluation]:
+    first_folder: Path = args.replay[0]
+    second_folder: Path = args.escalate_replay
+    evaluations = []
+    for benchmark in BENCHMARKS:
+        plan = _plan(benchmark, first_folder, args)
+        if plan is None:
+            continue
+        second = second_folder / f"{benchmark.name}.jsonl"
+        if not second.is_file():
+            _note_skipped(f"no predictions for {benchmark.name} in {second_folder}")
+            continue
+        samples, first_generate = plan
+        second_generate = backend_generate(ReplayBackend(second), args.max_new_tokens)
+        desc = f"cascade {benchmark.name}"
+        with tqdm(total=2 * len(samples), desc=desc, file=sys.stderr, unit="sample") as bar:
+            evaluations.append(
+                await evaluate_cascade(
+                    benchmark,
+                    samples,
+                    first_generate,
+                    second_generate,
+                    policies,
+                    early_exit=not args.cascade_full_output,
+                    batch_size=args.batch_size,
+                    on_progress=_advance(bar),
+                    count_tokens=count_tokens,
+                )
+            )
+    return evaluations
+
+
+def format_cascade(
+    rows: list[CascadeRow], args: argparse.Namespace, first: str, second: str
+) -> str:
+    """The cascade report: each policy over all benchmarks, then on each benchmark; decode
+    tokens per verdict of each model, cost against the second model alone."""
+    serving = (
+        "prompt-only inputs generated in full"
+        if args.cascade_full_output
+        else f"prompt-only inputs stopped before {EARLY_EXIT_STOP!r} for both models, an "
+        "unreadable Task 1 generated again in full"
+    )
+    lines = [
+        f"cascade: GuardReasoner {first} answers, {second} only where the policy escalates "
+        f"({args.engine}, project rule); {serving}",
+        f"cost: decode tokens x parameters ({first}: {args.first_params}B, {second}: "
+        f"{args.second_params}B) against {second} alone; {tokens_note(args.tokenizer)}",
+    ]
+    failed = sum(r.second_failed for r in rows if r.benchmark is None)
+    if failed:
+        lines.append(f"{second} failed on {failed} escalated inputs: the {first} verdict scored")
+
+    def name(row: CascadeRow) -> str:
+        if row.policy is None:
+            return f"{second} alone"
+        if not row.policy.signals:
+            return f"none ({first} alone)"
+        return row.policy.name + (" (default)" if row.policy == DEFAULT_POLICY else "")
+
+    width = max(len(name(r)) for r in rows) + 2 if rows else 8
+    head = (
+        f"{'policy':<{width}}{'benchmark':<24}{'samples':>8}{'escalated':>11}{'F1':>8}"
+        f"{first + ' tok/v':>10}{second + ' tok/v':>10}{'cost':>7}"
+    )
+
+    def line(row: CascadeRow) -> str:
+        bench = row.benchmark.name if row.benchmark is not None else "overall"
+        n = row.samples or 1
+        return (
+            f"{name(row):<{width}}{bench:<24}{row.samples:>8}{row.escalation_rate:>10.1f}%"
+            f"{row.f1:>8.2f}{row.first_tokens / n:>10.1f}{row.second_tokens / n:>10.1f}"
+            f"{row.cost:>7.3f}"
+        )
+
+    lines += ["", "overall (F1 weighted by samples)", head]
+    lines += [line(r) for r in rows if r.benchmark is None]
+    for benchmark in dict.fromkeys(r.benchmark for r in rows if r.benchmark is not None):
+        lines += ["", head]
+        lines += [line(r) for r in rows if r.benchmark == benchmark]
+    return "\n".join(lines)
 
 
 def tokens_note(tokenizer: Path | None) -> str:

@@ -34,23 +34,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, TypeVar
 
 from opentelemetry.trace import Tracer
 
 from engine.backends.base import Backend, Generation
 from engine.batcher import BatcherClosed, MicroBatcher
 from engine.cache import VerdictCache, cache_key
+from engine.cascade import EscalationPolicy, escalation_reason
 from engine.parser import CONFLICT_RULE, PARSER_VERSION, needs_full_output, parse
 from engine.prompt import EARLY_EXIT_STOP, TEMPLATE_VERSION, build_model_input, user_texts
 from engine.retry import RetryPolicy
 from engine.retry import generate as generate_with_retries
 from engine.tracing import BatchTrace, BatchTracer, Parent, current_parent
-from schemas.verdict import ModerationRequest, Verdict
+from schemas.verdict import Escalation, FirstOpinion, ModerationRequest, Verdict
 
 log = logging.getLogger("guardstream.guard")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +66,9 @@ class ModerationResult:
     batch_wait_ms: float = 0.0
     generate_ms: float = 0.0
     tokens: int | None = None
+    #: Set while a cascade's first model answered and its policy sends the request on (the
+    #: signal): the guard's own, never in a result the caller gets.
+    escalate: str | None = None
 
 
 @dataclass(slots=True)
@@ -72,6 +77,22 @@ class _Pending:
     key: str
     enqueued: float = field(default_factory=time.monotonic)
     parents: list[Parent] | None = None  # callers' span contexts, only when tracing
+
+
+@dataclass(slots=True)
+class _Escalating:
+    pending: _Pending
+    first: ModerationResult
+
+
+@dataclass(frozen=True, slots=True)
+class Cascade:
+    """A second model, asked only where the escalation policy says the first one's output
+    cannot be trusted; `max_sequences`: its own budget of requests at once."""
+
+    backend: Backend
+    policy: EscalationPolicy
+    max_sequences: int = 64
 
 
 #: A lookup's answer for one key: the cached verdict (or None), when its batch started, its size.
@@ -120,6 +141,9 @@ class GuardStats:
     tokens: int = 0  # generated tokens, as the backend counted them
     early_exits: int = 0  # prompt-only verdicts read from Task 1 alone (generation stopped early)
     regenerated: int = 0  # early-exit outputs whose Task 1 could not be read: generated in full
+    #: Requests a cascade sent to its second model, per (signal, outcome: answered | failed).
+    escalations: dict[tuple[str, str], int] = field(default_factory=dict)
+    escalation_tokens: int = 0  # tokens the second model generated
 
 
 BatchHook = Callable[[int, Sequence[float], float], None]
@@ -150,6 +174,7 @@ class Guard:
         admission: Admission = "auto",
         max_sequences: int = 256,
         early_exit: bool = True,
+        cascade: Cascade | None = None,
         on_batch: BatchHook | None = None,
         tracer: Tracer | None = None,
     ) -> None:
@@ -170,6 +195,24 @@ class Guard:
             model_batch, model_wait_ms, model_slots = 1, 0.0, max_sequences
         else:
             model_batch, model_wait_ms, model_slots = max_batch_size, max_wait_ms, max_in_flight
+        self.cascade = cascade
+        self._escalations: MicroBatcher[_Escalating, ModerationResult] | None = None
+        if cascade is not None:
+            # The second model has its own admission (by its own kind) and budget: requests
+            # sent to it never take the first model's places.
+            if admission_mode(admission, cascade.backend) == "request":
+                size, wait_ms, slots = 1, 0.0, cascade.max_sequences
+            else:
+                size = min(max_batch_size, cascade.max_sequences)
+                wait_ms, slots = max_wait_ms, max(1, cascade.max_sequences // size)
+            self._escalations = MicroBatcher(
+                self._escalate,
+                max_batch_size=size,
+                max_wait_ms=wait_ms,
+                max_in_flight=slots,
+                key=lambda e: e.pending.key,
+                name="guard-escalate",
+            )
         self.stats = GuardStats()
         self._on_batch = on_batch
         self._tracing = BatchTracer(tracer) if tracer is not None else None
@@ -219,6 +262,8 @@ class Guard:
 
     async def start(self) -> None:
         await self.backend.start()
+        if self.cascade is not None:
+            await self.cascade.backend.start()
 
     async def close(self, *, drain: bool = True, timeout: float | None = None) -> None:
         if self._lookups is not None:
@@ -229,6 +274,12 @@ class Guard:
                     task.cancel()
             await asyncio.wait(list(self._forwarding), timeout=timeout)
         await self._batcher.close(drain=drain, timeout=timeout)
+        if self._escalations is not None:
+            assert self.cascade is not None
+            if self._forwarding:  # first-model results that went on to the second meanwhile
+                await asyncio.wait(list(self._forwarding), timeout=timeout)
+            await self._escalations.close(drain=drain, timeout=timeout)
+            await self.cascade.backend.close()
         await self.backend.close()
         if self.cache is not None:
             await self.cache.close()
@@ -240,8 +291,16 @@ class Guard:
             TEMPLATE_VERSION,
             request.prompt,
             request.response,
-            variant=self.variant,
+            variant=self.variant + self._cascade_variant(),
         )
+
+    def _cascade_variant(self) -> str:
+        """A cascade's verdicts are the cascade's: keyed by the second model (its id and
+        revision, read now: a revision derived at start is known only then) and the policy."""
+        if self.cascade is None:
+            return ""
+        second = self.cascade.backend
+        return f";cascade={second.model_id}@{second.revision};escalate={self.cascade.policy.name}"
 
     async def submit(self, request: ModerationRequest) -> asyncio.Future[ModerationResult]:
         """Queue a request; waits only while the engine is full (backpressure)."""
@@ -251,7 +310,12 @@ class Guard:
             parent = current_parent()
             pending.parents = [parent] if parent is not None else None
         if self._lookups is None:
-            return await self._batcher.submit(pending)
+            if self.cascade is None:
+                return await self._batcher.submit(pending)
+            first = await self._batcher.submit(pending)
+            answer: asyncio.Future[ModerationResult] = asyncio.get_running_loop().create_future()
+            first.add_done_callback(lambda done: self._after_first(pending, done, answer))
+            return answer
         await self._admission.acquire()
         try:
             looked = await self._lookups.submit(pending)
@@ -307,21 +371,33 @@ class Guard:
             _chain(under_way, result)
             return
         self._generating[pending.key] = result
+        target = result
+        if self.cascade is not None:  # the first model's answer may go on to the second
+            target = asyncio.get_running_loop().create_future()
+            target.add_done_callback(lambda done: self._after_first(pending, done, result))
         try:
-            queued = self._batcher.submit_nowait(pending, result)
+            queued = self._batcher.submit_nowait(pending, target)
         except BatcherClosed as closed:
-            result.set_exception(closed)
+            target.set_exception(closed)
             return
-        if queued is not None:  # the batcher settles `result` itself
+        if queued is not None:  # the batcher settles `target` itself
             return
-        task = asyncio.get_running_loop().create_task(self._forward(pending, result))
+        self._spawn(self._forward(self._batcher, pending, target))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self._forwarding.add(task)
         task.add_done_callback(self._forwarding.discard)
 
-    async def _forward(self, pending: _Pending, result: asyncio.Future[ModerationResult]) -> None:
-        """A miss that found the model batches full: wait for room (the backpressure)."""
+    async def _forward(
+        self,
+        batcher: MicroBatcher[_T, ModerationResult],
+        item: _T,
+        result: asyncio.Future[ModerationResult],
+    ) -> None:
+        """A miss that found the model's places full: wait for room (the backpressure)."""
         try:
-            await self._batcher.submit(pending, result)
+            await batcher.submit(item, result)
         except asyncio.CancelledError:
             if not result.done():
                 result.set_exception(BatcherClosed("guard closed before this request was queued"))
@@ -358,40 +434,42 @@ class Guard:
             user_texts(p.request.prompt, p.request.response, max_chars=self.max_text_chars)
             for p in items
         ]
-        inputs = [build_model_input(prompt, response) for prompt, response in texts]
-        early = [self.early_exit and p.request.response is None for p in items]
         t0 = time.monotonic()
-        generations = await self._generate(inputs, early)
-        verdicts = [
-            self._verdict(gen, p.request.response is not None, quoted, early_exit=cut)
-            for p, gen, quoted, cut in zip(items, generations, texts, early, strict=True)
-        ]
-        # An early-exit output whose Task 1 cannot be read is generated again in full (greedy:
-        # the same Task 1, then the final answer block the parser can read).
-        again = [i for i, v in enumerate(verdicts) if needs_full_output(v)]
-        if again:
-            self.stats.regenerated += len(again)
-            full = await self._generate([inputs[i] for i in again], None)
-            for i, gen in zip(again, full, strict=True):
-                generations[i] = _combined(generations[i], gen)
-                verdicts[i] = self._verdict(gen, False, texts[i], early_exit=False)
+        generations, verdicts = await self._run_model(self.backend, items, texts)
         generate_ms = (time.monotonic() - t0) * 1000
-        self.stats.early_exits += sum(v.early_exit for v in verdicts)
         if bt is not None:
             bt.generate(t0, t0 + generate_ms / 1000, [g.tokens for g in generations])
         results: list[ModerationResult] = []
         to_store: list[tuple[str, Verdict]] = []
-        for p, wait_ms, gen, verdict in zip(items, waits, generations, verdicts, strict=True):
+        for p, wait_ms, gen, verdict, quoted in zip(
+            items, waits, generations, verdicts, texts, strict=True
+        ):
             if gen.finish_reason == "error":
                 self.stats.engine_errors += 1
             else:
                 self.stats.generated += 1
                 self.stats.tokens += gen.tokens or 0
-            if verdict.trusted:  # an untrusted verdict is never served again: it is redone
+            reason: str | None = None
+            if self.cascade is not None:
+                reason = escalation_reason(
+                    verdict,
+                    self.cascade.policy,
+                    has_response=p.request.response is not None,
+                    quoted=quoted,
+                )
+                if reason is None:
+                    verdict = verdict.model_copy(
+                        update={
+                            "escalation": Escalation(answered_by=self.model_id, escalated=False)
+                        }
+                    )
+            # An untrusted verdict is never served again (it is redone), nor one on its way to
+            # the cascade's second model (the second's is the cascade's verdict).
+            if verdict.trusted and reason is None:
                 to_store.append((p.key, verdict))
             results.append(
                 ModerationResult(
-                    verdict, False, p.key, len(items), wait_ms, generate_ms, gen.tokens
+                    verdict, False, p.key, len(items), wait_ms, generate_ms, gen.tokens, reason
                 )
             )
         if self.cache is not None and to_store:
@@ -418,15 +496,139 @@ class Guard:
             verdict = verdict.model_copy(update={"truncated": True})
         return verdict
 
-    async def _generate(self, inputs: list[str], early: list[bool] | None) -> list[Generation]:
+    async def _run_model(
+        self, backend: Backend, items: Sequence[_Pending], texts: list[tuple[str, str | None]]
+    ) -> tuple[list[Generation], list[Verdict]]:
+        """Generate for `items` on `backend` and parse: prompt-only requests stop at Task 2
+        (early exit), and one whose Task 1 cannot be read is generated again in full (greedy:
+        the same Task 1, then the final answer block the parser can read)."""
+        inputs = [build_model_input(prompt, response) for prompt, response in texts]
+        early = [self.early_exit and p.request.response is None for p in items]
+        generations = await self._generate(backend, inputs, early)
+        verdicts = [
+            self._verdict(gen, p.request.response is not None, quoted, early_exit=cut)
+            for p, gen, quoted, cut in zip(items, generations, texts, early, strict=True)
+        ]
+        again = [i for i, v in enumerate(verdicts) if needs_full_output(v)]
+        if again:
+            self.stats.regenerated += len(again)
+            full = await self._generate(backend, [inputs[i] for i in again], None)
+            for i, gen in zip(again, full, strict=True):
+                generations[i] = _combined(generations[i], gen)
+                verdicts[i] = self._verdict(gen, False, texts[i], early_exit=False)
+        self.stats.early_exits += sum(v.early_exit for v in verdicts)
+        return generations, verdicts
+
+    async def _generate(
+        self, backend: Backend, inputs: list[str], early: list[bool] | None
+    ) -> list[Generation]:
         """Generate under the retry policy (`engine.retry`); `early[i]`: input i stops at Task
         2. Inputs that still fail get error Generations."""
         stop = [EARLY_EXIT_STOP if cut else None for cut in early] if early else None
         if stop is not None and not any(stop):
             stop = None
         return await generate_with_retries(
-            self.backend, inputs, self.max_new_tokens, stop, policy=self.retry
+            backend, inputs, self.max_new_tokens, stop, policy=self.retry
         )
+
+    # --- the cascade's second model ----------------------------------------------------------
+
+    def _after_first(
+        self,
+        pending: _Pending,
+        first: asyncio.Future[ModerationResult],
+        result: asyncio.Future[ModerationResult],
+    ) -> None:
+        """The first model's result is in: it is the answer, or it goes on to the second."""
+        if result.done():
+            return
+        if first.cancelled():
+            result.set_exception(BatcherClosed("the first model's batch was cancelled"))
+            return
+        if (exc := first.exception()) is not None:
+            result.set_exception(exc)
+            return
+        answered = first.result()
+        if answered.escalate is None or self._escalations is None:
+            result.set_result(answered)
+            return
+        item = _Escalating(pending, answered)
+        try:
+            queued = self._escalations.submit_nowait(item, result)
+        except BatcherClosed as closed:
+            result.set_exception(closed)
+            return
+        if queued is None:  # the second model is full: wait for a place (its own budget)
+            self._spawn(self._forward(self._escalations, item, result))
+
+    async def _escalate(self, items: list[_Escalating]) -> list[ModerationResult]:
+        assert self.cascade is not None
+        second = self.cascade.backend
+        texts = [
+            user_texts(
+                e.pending.request.prompt, e.pending.request.response, max_chars=self.max_text_chars
+            )
+            for e in items
+        ]
+        t0 = time.monotonic()
+        generations, verdicts = await self._run_model(second, [e.pending for e in items], texts)
+        second_ms = (time.monotonic() - t0) * 1000
+        results: list[ModerationResult] = []
+        to_store: list[tuple[str, Verdict]] = []
+        for item, gen, verdict in zip(items, generations, verdicts, strict=True):
+            first = item.first.verdict
+            reason = item.first.escalate
+            self.stats.escalation_tokens += gen.tokens or 0
+            if gen.finish_reason == "error":
+                outcome = "failed"
+                # The second model failed on it: the first model's verdict stands, marked, and
+                # is not cached (next time the cascade is asked again).
+                final = first.model_copy(
+                    update={
+                        "escalation": Escalation(
+                            answered_by=self.model_id,
+                            escalated=True,
+                            reason=reason,
+                            error=gen.error or "engine error",
+                        )
+                    }
+                )
+            else:
+                outcome = "answered"
+                opinion = FirstOpinion(
+                    model_id=self.model_id,
+                    request=first.request,
+                    completion=first.completion,
+                    response=first.response,
+                    trust=first.trust,
+                )
+                final = verdict.model_copy(
+                    update={
+                        "escalation": Escalation(
+                            answered_by=second.model_id,
+                            escalated=True,
+                            reason=reason,
+                            first=opinion,
+                        )
+                    }
+                )
+                if final.trusted:
+                    to_store.append((item.pending.key, final))
+            counted = (reason or "unknown", outcome)
+            self.stats.escalations[counted] = self.stats.escalations.get(counted, 0) + 1
+            tokens = (item.first.tokens or 0) + (gen.tokens or 0)
+            results.append(
+                replace(
+                    item.first,
+                    verdict=final,
+                    generate_ms=item.first.generate_ms + second_ms,
+                    tokens=tokens,
+                    escalate=None,
+                )
+            )
+        if self.cache is not None and to_store:
+            await self.cache.set_many(to_store)
+        return results
 
 
 def _combined(early: Generation, full: Generation) -> Generation:

@@ -44,6 +44,39 @@ class TaskReasoning(BaseModel):
     conclusion: str | None = None
 
 
+class FirstOpinion(BaseModel):
+    """The first model's labels, kept in a verdict the cascade's second model gave."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str
+    request: HarmLabel | None = None
+    completion: CompletionLabel | None = None
+    response: HarmLabel | None = None
+    trust: TrustState
+
+
+class Escalation(BaseModel):
+    """How a guard cascade (a first, small model; a second, large one asked only where the
+    first's output cannot be trusted) reached this verdict."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answered_by: str = Field(description="The id of the model whose verdict this is.")
+    escalated: bool = Field(description="The escalation policy sent the request on.")
+    reason: str | None = Field(
+        None, description="The policy's signal that sent it on (untrusted, contradiction, ...)."
+    )
+    error: str | None = Field(
+        None,
+        description="The second model failed on it (after retries): the first model's verdict "
+        "stands, and the failure policy applies to it as to any verdict.",
+    )
+    first: FirstOpinion | None = Field(
+        None, description="The first model's labels, when the second model answered."
+    )
+
+
 class Verdict(BaseModel):
     """What GuardReasoner concluded about one request, parsed from its generated text."""
 
@@ -79,6 +112,9 @@ class Verdict(BaseModel):
         "`reasoning.request` are Task 1's, `completion` and `response` are null, `raw` is the "
         "cut text. Trusted (`found` recovered) only when Task 1 states the request label "
         "cleanly; the guard generates any other in full, and publishes that verdict instead.",
+    )
+    escalation: Escalation | None = Field(
+        None, description="Set by a guard cascade (GUARDSTREAM_ESCALATE_ENGINE); else null."
     )
 
     @model_validator(mode="before")

@@ -92,6 +92,26 @@ class Settings(BaseSettings):
     engine_retries: int = Field(2, ge=0)
     engine_timeout_s: float = Field(120.0, gt=0)
     policy: Literal["fail_closed", "fail_open"] = "fail_closed"
+
+    # --- cascade: a second model asked only where the first one's output cannot be trusted ---
+    #: The second model's engine; unset: no cascade. Its settings are the ESCALATE_ ones below,
+    #: read as the first model's are (e.g. ESCALATE_REPLAY_PATH for `replay`).
+    escalate_engine: Literal["trtllm", "hf", "openai_http", "replay"] | None = None
+    escalate_model: str | None = Field(None, min_length=1)
+    escalate_model_revision: str | None = None
+    escalate_replay_path: Path | None = None
+    escalate_hf_model_path: Path | None = None
+    escalate_trtllm_engine_dir: Path | None = None
+    escalate_trtllm_checkpoint_dir: Path | None = None
+    escalate_openai_base_url: str | None = None
+    escalate_openai_api_key: SecretStr | None = None
+    escalate_openai_served_model: str | None = Field(None, min_length=1)
+    #: Which signals of the first output send a request on (engine.cascade.SIGNALS, joined by
+    #: commas); unset: engine.cascade.DEFAULT_POLICY.
+    escalate_policy: str | None = None
+    #: Sequences (per-request admission) or batch places the second model gets at once: its
+    #: own budget, so that a slow second model holds back only the requests sent to it.
+    escalate_max_sequences: int = Field(64, ge=1)
     #: Shadow mode, for a trial before enforcement: every verdict still goes to the verdicts
     #: topic (with `flagged` as it would be), with the header `guardstream-shadow: 1`, but none
     #: to the flagged topic, which is what enforcing consumers read.
@@ -155,9 +175,63 @@ class Settings(BaseSettings):
             raise ValueError(
                 "trtllm_engine_dir: required (or trtllm_checkpoint_dir) when engine is 'trtllm'"
             )
+        if self.escalate_engine is not None:
+            self._check_escalation()
         if self.kafka_security_protocol.startswith("SASL") and not self.kafka_sasl_username:
             raise ValueError("kafka_sasl_username: required with a SASL security protocol")
         return self
+
+    def _check_escalation(self) -> None:
+        from engine.cascade import EscalationPolicy
+
+        engine = self.escalate_engine
+        if not self.escalate_model:
+            raise ValueError(f"escalate_model: required when escalate_engine is {engine!r}")
+        needs = {
+            "replay": ("escalate_replay_path", self.escalate_replay_path),
+            "hf": ("escalate_hf_model_path", self.escalate_hf_model_path),
+            "openai_http": ("escalate_openai_base_url", self.escalate_openai_base_url),
+            "trtllm": (
+                "escalate_trtllm_engine_dir",
+                self.escalate_trtllm_engine_dir or self.escalate_trtllm_checkpoint_dir,
+            ),
+        }
+        name, value = needs[engine or "replay"]
+        if not value:
+            raise ValueError(f"{name}: required when escalate_engine is {engine!r}")
+        if engine == "openai_http" and not self.escalate_model_revision:
+            raise ValueError(
+                "escalate_model_revision: required when escalate_engine is 'openai_http' (the "
+                "second checkpoint's commit or digest: it keys the cascade's verdict cache)"
+            )
+        if self.escalate_policy is not None:
+            try:
+                EscalationPolicy.parse(self.escalate_policy)
+            except ValueError as exc:
+                raise ValueError(f"escalate_policy: {exc}") from None
+
+    def escalation_settings(self) -> Settings | None:
+        """The second model's settings (its ESCALATE_ values in the first model's places), or
+        None without a cascade."""
+        if self.escalate_engine is None:
+            return None
+        return self.model_copy(
+            update={
+                "engine": self.escalate_engine,
+                "model": self.escalate_model,
+                "model_revision": self.escalate_model_revision,
+                "replay_path": self.escalate_replay_path,
+                "hf_model_path": self.escalate_hf_model_path,
+                "trtllm_engine_dir": self.escalate_trtllm_engine_dir,
+                "trtllm_checkpoint_dir": self.escalate_trtllm_checkpoint_dir,
+                "openai_base_url": self.escalate_openai_base_url,
+                "openai_api_key": self.escalate_openai_api_key,
+                "openai_served_model": self.escalate_openai_served_model,
+                "openai_max_concurrency": None,
+                "engine_max_sequences": self.escalate_max_sequences,
+                "escalate_engine": None,
+            }
+        )
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

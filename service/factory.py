@@ -9,7 +9,8 @@ from opentelemetry.trace import Tracer
 
 from engine.backends.base import Backend
 from engine.cache import RedisVerdictCache, VerdictCache
-from engine.guard import BatchHook, Guard
+from engine.cascade import DEFAULT_POLICY, EscalationPolicy
+from engine.guard import BatchHook, Cascade, Guard
 from service.config import Settings
 
 
@@ -96,17 +97,36 @@ def guard_options(settings: Settings) -> dict[str, Any]:
     }
 
 
+def build_cascade(settings: Settings, second: Backend | None = None) -> Cascade | None:
+    """The cascade's second model and policy (GUARDSTREAM_ESCALATE_*), or None."""
+    escalation = settings.escalation_settings()
+    if escalation is None:
+        return None
+    policy = (
+        EscalationPolicy.parse(settings.escalate_policy)
+        if settings.escalate_policy is not None
+        else DEFAULT_POLICY
+    )
+    return Cascade(
+        second or build_backend(escalation), policy, max_sequences=settings.escalate_max_sequences
+    )
+
+
 def build_guard(
     settings: Settings,
     backend: Backend | None = None,
     *,
+    second: Backend | None = None,
     on_batch: BatchHook | None = None,
     tracer: Tracer | None = None,
     on_cache_state: Callable[[str], None] | None = None,
 ) -> Guard:
+    """The guard; `backend` and `second` replace the configured first and second models
+    (tests and benchmarks)."""
     return Guard(
         backend or build_backend(settings),
         cache=build_cache(settings, on_state_change=on_cache_state),
+        cascade=build_cascade(settings, second),
         on_batch=on_batch,
         tracer=tracer,
         **guard_options(settings),

@@ -24,7 +24,7 @@ from engine.cache import MemoryVerdictCache
 from engine.guard import Guard, ModerationResult
 from schemas.verdict import ModerationRequest
 from service.config import Settings, SettingsError
-from service.factory import build_backend, guard_options
+from service.factory import build_backend, build_cascade, guard_options
 from service.messages import is_flagged
 
 
@@ -61,7 +61,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 async def _moderate(settings: Settings, lines: Iterable[str], out: TextIO, window: int) -> int:
-    guard = Guard(build_backend(settings), cache=MemoryVerdictCache(), **guard_options(settings))
+    guard = Guard(
+        build_backend(settings),
+        cache=MemoryVerdictCache(),
+        cascade=build_cascade(settings),
+        **guard_options(settings),
+    )
     await guard.start()
     errors = 0
     pending: deque[tuple[int, asyncio.Future[ModerationResult] | str]] = deque()

@@ -193,6 +193,14 @@ class Metrics:
             description="Requests the engine failed on after retries.",
         )
         counter(
+            "guardstream_escalations",
+            [self._escalations],
+            unit="{request}",
+            description="Requests a guard cascade sent to its second model, per signal (reason) "
+            "and outcome (answered: the second model's verdict; failed: it failed, the first "
+            "model's verdict stands, marked).",
+        )
+        counter(
             "guardstream_early_exits",
             [self._guard_stat("early_exits")],
             unit="{request}",
@@ -265,6 +273,13 @@ class Metrics:
             return [Observation(getattr(cache.stats, what))] if cache is not None else []
 
         return callback
+
+    def _escalations(self, options: CallbackOptions) -> Iterable[Observation]:
+        guard = self._guard
+        if guard is None or guard.cascade is None:
+            return []
+        tally: Tally = Counter(guard.stats.escalations)
+        return _observe(tally, ["reason", "outcome"])(options)
 
     def _guard_stat(self, what: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_options: CallbackOptions) -> Iterable[Observation]:

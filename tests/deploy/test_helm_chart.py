@@ -42,6 +42,7 @@ SECRET_ENV = {
 }
 WORKER = "gs-guardstream"
 SERVER = "gs-guardstream-server"
+ESCALATION = "gs-guardstream-escalation"
 
 
 def _args(values: Path | None) -> tuple[Path, ...]:
@@ -346,6 +347,47 @@ def test_the_engines_sequence_budget_follows_the_model_size(render: Any) -> None
     assert budget == "192"
     assert server[server.index("--max_batch_size") + 1] == budget
     assert _env_value(worker, "GUARDSTREAM_OPENAI_MAX_CONCURRENCY") == budget
+
+
+def test_a_cascade_runs_a_second_model_server_in_either_topology(render: Any) -> None:
+    """The cascade's second model is a model server: the chart's own (GPU nodes, its own
+    Service and batch size) or an external one; the workers are pointed at it."""
+    on = ["cascade.enabled=true", "cascade.model.revision=8b-commit"]
+    needs_revision: Render = render(sets=["cascade.enabled=true"])
+    assert needs_revision.returncode != 0
+    assert "cascade.model.revision is required" in needs_revision.stderr
+    for values in ((), (CI["split"],)):
+        r: Render = render(*values, sets=on)
+        assert r.returncode == 0, r.stderr
+        escalation = r.one("Deployment", ESCALATION)
+        service = r.one("Service", ESCALATION)
+        server = _container(escalation, "server")
+        assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert server["command"][1].endswith("/GuardReasoner-8B")
+        assert server["command"][server["command"].index("--max_batch_size") + 1] == "64"
+        labels = escalation["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"].items() <= labels.items()
+        assert service["spec"]["selector"]["app.kubernetes.io/component"] == "escalation-server"
+        worker = _container(r.one("Deployment", WORKER), "worker")
+        url = urlparse(_env_value(worker, "GUARDSTREAM_ESCALATE_OPENAI_BASE_URL"))
+        assert url.hostname == service["metadata"]["name"] and url.path == "/v1"
+        assert _env_value(worker, "GUARDSTREAM_ESCALATE_ENGINE") == "openai_http"
+        assert _env_value(worker, "GUARDSTREAM_ESCALATE_MODEL_REVISION") == "8b-commit"
+        assert _env_value(worker, "GUARDSTREAM_ESCALATE_OPENAI_SERVED_MODEL") == "GuardReasoner-8B"
+    external: Render = render(sets=[*on, "cascade.baseUrl=http://big.example:8000/v1"])
+    assert external.returncode == 0, external.stderr
+    assert not [
+        d for d in external.of_kind("Deployment") if d["metadata"]["name"].endswith("escalation")
+    ]
+    worker = _container(external.one("Deployment", WORKER), "worker")
+    assert (
+        _env_value(worker, "GUARDSTREAM_ESCALATE_OPENAI_BASE_URL") == "http://big.example:8000/v1"
+    )
+    assert "GUARDSTREAM_ESCALATE_OPENAI_SERVED_MODEL" not in _env(worker)
+    off: Render = render()
+    assert "GUARDSTREAM_ESCALATE_ENGINE" not in _env(
+        _container(off.one("Deployment", WORKER), "worker")
+    )
 
 
 def test_a_model_server_needs_the_models_revision(render: Any) -> None:

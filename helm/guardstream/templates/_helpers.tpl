@@ -25,6 +25,15 @@ Fully qualified app name. Leaves room for the "-server" suffix of the split topo
 {{- printf "%s-server" (include "guardstream.fullname" .) }}
 {{- end }}
 
+{{- define "guardstream.escalationFullname" -}}
+{{- printf "%s-escalation" (include "guardstream.fullname" .) }}
+{{- end }}
+
+{{- /* The chart runs the cascade's second model server (no external cascade.baseUrl). */ -}}
+{{- define "guardstream.escalationServerEnabled" -}}
+{{- if and .Values.cascade.enabled (not .Values.cascade.baseUrl) }}true{{ else }}false{{ end }}
+{{- end }}
+
 {{- define "guardstream.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -253,6 +262,12 @@ every `helm template` / `helm install` runs them.
 {{- if and (eq $engine "openai_http") (not .Values.model.revision) }}
 {{- fail "model.revision is required when the workers call a model server (engine.name openai_http, or topology split): the served checkpoint's commit or digest, which keys the verdict cache so that a new checkpoint never reads the old one's verdicts" }}
 {{- end }}
+{{- if and .Values.cascade.enabled (not .Values.cascade.model.revision) }}
+{{- fail "cascade.model.revision is required with cascade.enabled: the second checkpoint's commit or digest, which keys the cascade's verdict cache" }}
+{{- end }}
+{{- if and (eq (include "guardstream.escalationServerEnabled" .) "true") (not .Values.persistence.models.enabled) }}
+{{- fail "the cascade's model server reads cascade.server.modelPath from the models volume: enable persistence.models (or set cascade.baseUrl)" }}
+{{- end }}
 {{- if and (has $engine (list "trtllm" "hf" "replay")) (not .Values.persistence.models.enabled) }}
 {{- fail (printf "engine %s reads from the models volume: enable persistence.models" $engine) }}
 {{- end }}
@@ -395,6 +410,32 @@ Worker environment: the service's GUARDSTREAM_ settings. Secrets only by referen
   value: {{ $v.engine.timeoutSeconds | quote }}
 - name: GUARDSTREAM_ADMISSION
   value: {{ $v.engine.admission | quote }}
+{{- if $v.cascade.enabled }}
+{{- $c := $v.cascade }}
+- name: GUARDSTREAM_ESCALATE_ENGINE
+  value: openai_http
+- name: GUARDSTREAM_ESCALATE_MODEL
+  value: {{ $c.model.id | quote }}
+- name: GUARDSTREAM_ESCALATE_MODEL_REVISION
+  value: {{ $c.model.revision | quote }}
+- name: GUARDSTREAM_ESCALATE_OPENAI_BASE_URL
+  {{- if $c.baseUrl }}
+  value: {{ $c.baseUrl | quote }}
+  {{- else }}
+  value: {{ printf "http://%s:%d/v1" (include "guardstream.escalationFullname" .) (int $v.server.port) | quote }}
+  {{- end }}
+{{- $served := $c.servedModel | default (ternary "" (base $c.server.modelPath) (not (empty $c.baseUrl))) }}
+{{- with $served }}
+- name: GUARDSTREAM_ESCALATE_OPENAI_SERVED_MODEL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $c.policy }}
+- name: GUARDSTREAM_ESCALATE_POLICY
+  value: {{ . | quote }}
+{{- end }}
+- name: GUARDSTREAM_ESCALATE_MAX_SEQUENCES
+  value: {{ $c.maxSequences | quote }}
+{{- end }}
 - name: GUARDSTREAM_ENGINE_MAX_SEQUENCES
   value: {{ include "guardstream.maxSequences" . | quote }}
 - name: GUARDSTREAM_EARLY_EXIT

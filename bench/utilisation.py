@@ -18,8 +18,10 @@ generations finish during the next one's start, alike in both measurements); a l
 delivered throughput is the verdicts that arrived from `settle` seconds into it (past the
 change of load: a verdict comes seconds after its request) to its end, per second.
 The service's verdicts leave each input partition in offset order, so a verdict also waits for
-every earlier one of its partition: `p99_ready_ms` is its p99 to the verdict being ready in the
-worker (the event's `produced_at`), before that wait.
+every earlier one of its partition: `p99_guard_ms` is the p99 of the guard's own share (the
+verdict's batch wait and model call, from its headers), and `engine_done_rate` what the engine
+inside the worker finished per second (its own counter): beside the delivered rate they tell the
+engine's work from the wait for earlier offsets.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,7 @@ def _level_figures(
     seconds: float,
     settle: float,
     end_of_wait: float,
-    ready: dict[str, float] | None = None,  # event id -> verdict ready in the worker
+    guard_ms: dict[str, float] | None = None,  # event id -> batch wait + model call
 ) -> dict[str, Any]:
     """One level's figures, alike for the engine alone and the service: offered and delivered
     rates, latency percentiles (an event never delivered counts as waiting until `end_of_wait`:
@@ -140,9 +141,9 @@ def _level_figures(
     in_window = sum(1 for _, done in times.values() if start + settle <= done < stop)
     answered = sum(1 for _, done in times.values() if done < stop)
     figures: dict[str, Any] = {}
-    if ready is not None:
-        to_ready = [(ready[e.id] - times[e.id][0]) * 1000 for e in mine if e.id in ready]
-        figures["p99_ready_ms"] = round(percentile(to_ready, 99), 1)
+    if guard_ms is not None:
+        own = [guard_ms[e.id] for e in mine if e.id in guard_ms]
+        figures["p99_guard_ms"] = round(percentile(own, 99), 1)
     return {
         **figures,
         "events": len(mine),
@@ -211,7 +212,7 @@ class Session:
     """What one worker's run measured; times in seconds from the schedule's start."""
 
     times: dict[str, tuple[float, float]]  # event id -> (sent, verdict received)
-    ready: dict[str, float]  # event id -> verdict ready in the worker (`produced_at`)
+    guard_ms: dict[str, float]  # event id -> the verdict's batch wait + model call (headers)
     snapshots: list[dict[str, Any]]  # the worker's counters: start, each level's end, the end
     waited: float  # when the bench stopped waiting for verdicts
     complete: bool  # a verdict for every event
@@ -255,16 +256,18 @@ async def _session(
         say(f"    sent {len(sent)} events; waiting for the last verdicts")
         await _drain(collector, [k.encode() for k in sent], plan.drain_seconds)
         waited = time.time() - t0
-        times, ready = {}, {}
+        times, guard_ms = {}, {}
         for k, at in sent.items():
             rec = collector.records.get(k.encode())
             if rec is not None:
                 times[k] = (at - t0, rec.at - t0)
-                produced = datetime.fromisoformat(str(rec.event()["produced_at"]))
-                ready[k] = produced.timestamp() - t0
+                guard_ms[k] = sum(
+                    float(rec.headers.get(h, b"0") or 0)
+                    for h in ("guardstream-batch-wait-ms", "guardstream-generate-ms")
+                )
         await asyncio.sleep(0.3)  # the worker's counters are written every 0.2 s
         snapshots.append(_snapshot(target, t0))  # after the wait: the whole run's model calls
-        return Session(times, ready, snapshots, waited, len(times) == len(events))
+        return Session(times, guard_ms, snapshots, waited, len(times) == len(events))
     finally:
         await producer.stop()
         await collector.stop()
@@ -324,6 +327,7 @@ def _counters(before: dict[str, Any], after: dict[str, Any], seconds: float) -> 
         "model_inputs": int(inputs),
         "mean_call_size": round(inputs / calls, 2) if calls else 0.0,
         "engine_mean_running": round(delta(ea, eb, "running_sum") / steps, 1) if steps else 0.0,
+        "engine_done_rate": round(delta(ea, eb, "sequences") / clock, 2) if clock > 0 else 0.0,
         # of the engine's own time between the two counters' dumps (written every 0.2 s)
         "engine_busy": round(delta(ea, eb, "busy_s") / clock, 3) if clock > 0 else 0.0,
         "engine_lag_mean_ms": round(delta(ea, eb, "lag_sum_s") / steps * 1000, 2) if steps else 0.0,
@@ -381,7 +385,7 @@ def utilisation(env: Env, plan: UtilisationPlan, shared: Path, say: Say) -> dict
         rows = []
         for i, load in enumerate(plan.loads):
             row = _level_figures(
-                events, times, i, plan.level_seconds, plan.settle_seconds, run.waited, run.ready
+                events, times, i, plan.level_seconds, plan.settle_seconds, run.waited, run.guard_ms
             )
             engine_row = alone[i]
             row.update(
@@ -396,8 +400,9 @@ def utilisation(env: Env, plan: UtilisationPlan, shared: Path, say: Say) -> dict
             rows.append(row)
             say(
                 f"    {load:.0%}: delivered {row['delivered_rate']}/s "
-                f"({row['ratio_capacity']:.2f} of capacity), p99 {row['p99_ms']} ms, to ready "
-                f"{row.get('p99_ready_ms')} ms (engine alone {engine_row['p99_ms']} ms), running "
+                f"({row['ratio_capacity']:.2f} of capacity; the engine finished "
+                f"{row['engine_done_rate']}/s), p99 {row['p99_ms']} ms, guard's share "
+                f"{row['p99_guard_ms']} ms (engine alone {engine_row['p99_ms']} ms), running "
                 f"{row['engine_mean_running']}"
             )
         whole = _counters(snaps[0], snaps[-1], snaps[-1]["at"] - snaps[0]["at"])

@@ -112,16 +112,16 @@ def test_level_figures_count_the_window_and_what_is_outstanding() -> None:
     events = [Event(float(i), f"e{i}", "c", "t", i // 10) for i in range(20)]
     # each answered 2 s after it was sent, but e19 never
     times = {e.id: (e.at, e.at + 2.0) for e in events if e.id != "e19"}
-    ready = {k: sent + 0.5 for k, (sent, _) in times.items()}
-    first = _level_figures(events, times, 0, 10.0, 2.0, end_of_wait=30.0, ready=ready)
+    guard = {k: 500.0 for k in times}
+    first = _level_figures(events, times, 0, 10.0, 2.0, end_of_wait=30.0, guard_ms=guard)
     assert first["events"] == 10 and first["offered_rate"] == 1.0
     assert first["delivered_rate"] == 1.0  # in [2, 10): those sent at 0 to 7
     assert first["undelivered"] == 0 and first["outstanding_at_end"] == 2  # sent at 8 and 9
-    assert first["p99_ready_ms"] == pytest.approx(500)
+    assert first["p99_guard_ms"] == pytest.approx(500)
     assert first["p50_ms"] == pytest.approx(2000) and first["p99_ms"] == pytest.approx(2000)
     second = _level_figures(events, times, 1, 10.0, 2.0, end_of_wait=30.0)
     assert second["undelivered"] == 1 and second["delivered_rate"] == 1.0  # 8 in [12, 20)
-    assert "p99_ready_ms" not in second  # the engine alone has no such split
+    assert "p99_guard_ms" not in second  # the engine alone has no such split
     assert second["p99_ms"] > 10_000  # e19 counts as waiting until the end of the wait
 
 
@@ -180,6 +180,8 @@ def _results() -> dict[str, Any]:
             "engine_p99_ms": engine_p99,
             "p99_ratio": p99 / engine_p99,
             "engine_mean_running": 50.0,
+            "engine_done_rate": rate,
+            "p99_guard_ms": engine_p99,
             "engine_lag_mean_ms": 0.5,
             "engine_lag_max_ms": 20.0,
             "worker_cpu": 0.2,
@@ -238,7 +240,7 @@ def test_goals_and_the_table_say_met_or_missed(tmp_path: Path) -> None:
     assert "preset 8B-H100" in text and "| mode " in text
     lines = [line for line in text.splitlines() if line.startswith("|")]
     assert len(lines) == 2 + 2 + 4  # header, rule, engine alone, two modes
-    assert lines[0].count("|") == 13
+    assert lines[0].count("|") == 14
     assert "request 256: at 120% load it delivers 0.95" in text and "met" in text
     assert "batch 32x2: 50 of 200 verdicts still queued" in text
     path = report_utilisation.write_csv(u, tmp_path / "u.csv")

@@ -36,6 +36,17 @@ four characters), or, given `count_tokens` (a real tokenizer's count of a text, 
 `load_token_counter`), that count of what the engine decoded: the text and, for an output cut at
 the stop string, the stop string itself (the engine decodes it before it stops); for an output
 that ended on its own, one token more, the end-of-sequence token.
+
+**Serving** (`serve`, `serve_all`) is the guard's path for one batch with the project rule: the
+early-exit stop, the parse, the regeneration in full; `evaluate` and the cascade both use it.
+
+**Cascade** (`evaluate_cascade`, `engine.cascade`): a first model answers, a second only where the
+policy escalates. Per request (`cascade_outcome`, the streaming guard's logic): the first model's
+served verdict -> `engine.cascade.escalation_reason` -> if escalated, the second model's served
+verdict (`cascade_verdict`: the first one where the second model failed). Both models are served
+as the guard serves them (early exit on prompt-only inputs by default). `cascade_rows` reports per
+benchmark and over all: escalation rate, F1, decode tokens of each model and their cost weighted
+by parameters (`FIRST_PARAMS_B`, `SECOND_PARAMS_B`) against the second model alone.
 """
 
 from __future__ import annotations

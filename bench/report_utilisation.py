@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
@@ -185,11 +186,27 @@ def plot(u: dict[str, Any], out: Path) -> list[Path]:
     ax1.plot(loads, [r["delivered_rate"] for r in u["engine_alone"]], "k--", label="engine alone")
     ax2.plot(loads, [r["p99_ms"] / 1000 for r in u["engine_alone"]], "k--", label="engine alone")
     ax1.axhline(u["capacity"], color="#888", lw=0.8)
-    ax1.annotate(f"capacity {u['capacity']:.1f}/s", (loads[0], u["capacity"]), fontsize=8)
+    ax1.annotate(
+        f"engine capacity {u['capacity']:.1f}/s",
+        (loads[-1], u["capacity"]),
+        xytext=(0, -12),
+        textcoords="offset points",
+        ha="right",
+        fontsize=8,
+    )
     for m, mark in zip(u["modes"], "os^vD<>", strict=False):
         xs = [r["load"] * 100 for r in m["rows"]]
-        ax1.plot(xs, [r["delivered_rate"] for r in m["rows"]], mark + "-", label=m["mode"])
+        (line,) = ax1.plot(
+            xs, [r["delivered_rate"] for r in m["rows"]], mark + "-", label=m["mode"]
+        )
         ax2.plot(xs, [r["p99_ms"] / 1000 for r in m["rows"]], mark + "-", label=m["mode"])
+        colour = line.get_color()
+        if all("engine_done_rate" in r for r in m["rows"]):
+            done = [r["engine_done_rate"] for r in m["rows"]]
+            ax1.plot(xs, done, ":", color=colour, label=f"{m['mode']}: engine done")
+        if any(r.get("p99_guard_ms") is not None for r in m["rows"]):
+            own = [(r.get("p99_guard_ms") or math.nan) / 1000 for r in m["rows"]]
+            ax2.plot(xs, own, ":", color=colour, label=f"{m['mode']}: guard's share")
     ax1.set_xlabel("offered load, % of the engine's capacity")
     ax1.set_ylabel("delivered verdicts/s")
     ax1.set_title(f"Throughput on {u['engine']}")
@@ -197,7 +214,7 @@ def plot(u: dict[str, Any], out: Path) -> list[Path]:
     ax2.set_xlabel("offered load, % of the engine's capacity")
     ax2.set_ylabel("p99 latency, s")
     ax2.set_yscale("log")
-    ax2.set_title("p99 latency (service: produce -> verdict)")
+    ax2.set_title("p99 latency (service: produce -> verdict received)")
     ax2.legend(fontsize=8)
     fig.tight_layout()
     path = out / "utilisation.png"

@@ -143,7 +143,7 @@ def _level_figures(
     figures: dict[str, Any] = {}
     if guard_ms is not None:
         own = [guard_ms[e.id] for e in mine if e.id in guard_ms]
-        figures["p99_guard_ms"] = round(percentile(own, 99), 1)
+        figures["p99_guard_ms"] = round(percentile(own, 99), 1) if own else None
     return {
         **figures,
         "events": len(mine),

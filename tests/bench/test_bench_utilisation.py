@@ -66,7 +66,8 @@ def test_every_mode_has_a_row_per_load_and_the_engine_alone_too(util_run: Path) 
             assert row["offered_rate"] == alone["offered_rate"]
             assert row["engine_p99_ms"] == alone["p99_ms"]
             assert 0 < row["p50_ms"] <= row["p99_ms"]
-            assert 0 < row["p99_guard_ms"] <= row["p99_ms"] * 1.01
+            if row["p99_guard_ms"] is not None:  # None: none of the level's verdicts came
+                assert 0 < row["p99_guard_ms"] <= row["p99_ms"] * 1.01
             assert row["engine_done_rate"] >= 0
             assert row["delivered_rate"] >= 0
             assert row["ratio_capacity"] == pytest.approx(

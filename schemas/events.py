@@ -97,7 +97,10 @@ class VerdictEvent(BaseModel):
     model_revision: str
     engine: str
     cached: bool
-    latency_ms: float = Field(description="From consume to the verdict being ready.")
+    latency_ms: float = Field(
+        description="From consume to the verdict being ready (its publishing may wait longer, "
+        "behind earlier offsets of its input partition: header guardstream-order-wait-ms)."
+    )
     source: SourceRef
     event_time: datetime | None = None
     produced_at: datetime

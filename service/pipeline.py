@@ -372,9 +372,18 @@ class Processor:
     ) -> Item:
         """The lane item of a verdict to come; `before`: records published ahead of it (the
         prompt's changelog record)."""
+        # When the verdict was ready: the lane publishes it later, once every earlier offset of
+        # its partition is out (in-order delivery); `latency_ms` is to readiness, and the wait
+        # behind earlier offsets goes in a header of its own.
+        ready_at: list[float] = []
+        future.add_done_callback(lambda _: ready_at.append(time.monotonic()))
+
         def convert(value: ModerationResult | tuple[ModerationResult, bool]) -> list[Outgoing]:
             result, missing = value if isinstance(value, tuple) else (value, False)
-            records = self._verdict_records(chat, kind, result, source, t0, missing, track)
+            ready = ready_at[0] if ready_at else time.monotonic()
+            records = self._verdict_records(
+                chat, kind, result, source, t0, missing, track, ready=ready
+            )
             return [*before, *records] if before else records
 
         def on_failure(exc: BaseException) -> list[Outgoing]:
@@ -409,7 +418,11 @@ class Processor:
         t0: float,
         prompt_missing: bool,
         track: Track,
+        *,
+        ready: float | None = None,
     ) -> list[Outgoing]:
+        now = time.monotonic()
+        ready = now if ready is None else ready
         ve = verdict_event(
             chat,
             kind,
@@ -419,7 +432,7 @@ class Processor:
             model_revision=self.guard.revision,
             engine=self._engine,
             policy=self.settings.policy,
-            latency_ms=(time.monotonic() - t0) * 1000,
+            latency_ms=(ready - t0) * 1000,
             prompt_missing=prompt_missing,
         )
         key = chat.conversation_id.encode()
@@ -430,6 +443,8 @@ class Processor:
             ("guardstream-event-id", ve.event_id.encode()),
             ("guardstream-batch-wait-ms", b"%.3f" % result.batch_wait_ms),
             ("guardstream-generate-ms", b"%.3f" % result.generate_ms),
+            # ready to published: the wait behind earlier offsets of the same input partition
+            ("guardstream-order-wait-ms", b"%.3f" % ((now - ready) * 1000)),
             *track.verdict(ve, chat),  # W3C trace context: the trace goes on downstream
             *self._mode_headers,
         )

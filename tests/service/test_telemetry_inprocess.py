@@ -363,3 +363,42 @@ async def test_message_text_is_logged_only_when_asked(
     p2 = lines["p2"]
     assert p2.trace_id == traceparent(3)[0] and p2.offset == 3  # type: ignore[attr-defined]
     assert getattr(p2, "text", None) == (rows[2]["prompt"] if content else None)
+
+
+class _Gated(ReplayBackend):
+    """The replay, except that an input holding `slow` waits for `gate`."""
+
+    def __init__(self, path: Path, slow: str) -> None:
+        super().__init__(path)
+        self.slow, self.gate, self.holding = slow, asyncio.Event(), asyncio.Event()
+
+    async def generate(self, inputs: Any, max_new_tokens: int, stop: Any = None) -> Any:
+        if any(self.slow in text for text in inputs):
+            self.holding.set()
+            await self.gate.wait()
+        return await super().generate(inputs, max_new_tokens, stop)
+
+
+async def test_latency_is_to_the_verdict_being_ready_and_the_order_wait_is_a_header(
+    tmp_path: Path, shared_dir: Path
+) -> None:
+    rig = Rig(tmp_path, shared_dir, tracing=False)
+    aegis = samples(shared_dir, "1B", "AegisSafetyTest")
+    gated = _Gated(rig.settings.replay_path, aegis[0]["prompt"])  # type: ignore[arg-type]
+    rig.guard.backend = gated
+    p = rig.settings.topic_prompts
+    first = rig.event(p, {"id": "slow", "conversation_id": "c", "text": aegis[0]["prompt"]}, None)
+    second = rig.event(p, {"id": "fast", "conversation_id": "c", "text": aegis[1]["prompt"]}, None)
+    await rig.processor.on_prompt(first, rig.out.ack)
+    await asyncio.wait_for(gated.holding.wait(), 5)
+    await rig.processor.on_prompt(second, rig.out.ack)
+    await asyncio.sleep(0.3)  # the second verdict is ready; it waits behind the first's offset
+    gated.gate.set()
+    for lane in rig.processor._lanes.values():
+        await asyncio.wait_for(lane.wait_idle(), 30)
+    records = {json.loads(r.value)["source_id"]: r for r in rig.out.on("out.verdicts")}
+    fast = records["fast"]
+    assert float(header(fast, "guardstream-order-wait-ms") or 0) >= 250
+    assert json.loads(fast.value)["latency_ms"] < 250, "latency is to readiness, not publishing"
+    assert float(header(records["slow"], "guardstream-order-wait-ms") or b"x") < 250
+    await rig.guard.close()

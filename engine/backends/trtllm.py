@@ -280,9 +280,12 @@ class TrtllmBackend(Backend):
             assert self._trtllm is not None
             options: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": 0.0, "top_k": 1}
             if stop is not None:
-                # Matched on token ids: the string as the tokenizer encodes it on its own. The
-                # output leaves it out (include_stop_str_in_output defaults to False).
-                options["stop"] = [stop]
+                # TensorRT-LLM matches stop strings on token ids: the string as the tokenizer
+                # encodes it on its own. A leading newline merges with the newlines before it in
+                # context (Llama 3 has one token for "\n\n"), so the string without it is
+                # passed too. The output leaves the stop out (include_stop_str_in_output is
+                # False by default).
+                options["stop"] = list(dict.fromkeys([stop, stop.lstrip("\n") or stop]))
             params = self._trtllm.SamplingParams(**options)
             self._sampling[(max_new_tokens, stop)] = params
         return params

@@ -119,8 +119,7 @@ async def test_a_stuck_second_model_holds_back_only_the_requests_sent_to_it() ->
     ]
     async with asyncio.timeout(5):
         clear = [
-            await guard.moderate(ModerationRequest(prompt=f"clear question {i}"))
-            for i in range(20)
+            await guard.moderate(ModerationRequest(prompt=f"clear question {i}")) for i in range(20)
         ]
     assert all(r.verdict.escalation and not r.verdict.escalation.escalated for r in clear)
     assert not any(f.done() for f in escalated)
@@ -141,3 +140,15 @@ def test_the_cascade_has_cache_keys_of_its_own() -> None:
     ).key_for(request)
     other_second = _guard(first, Scripted("larger", "harmful")).key_for(request)
     assert len({alone, cascade, other_policy, other_second}) == 4
+
+
+async def test_a_draining_close_finishes_the_requests_on_their_way_to_the_second_model() -> None:
+    first, second = Scripted("small", "unharmful"), Scripted("large", "harmful")
+    guard = _guard(first, second)
+    await guard.start()
+    pending = [await guard.submit(ModerationRequest(prompt=f"mumble {i}")) for i in range(5)]
+    await guard.close(drain=True, timeout=5)
+    results = [f.result() for f in pending]  # none failed with BatcherClosed
+    assert all(
+        r.verdict.escalation and r.verdict.escalation.answered_by == "large" for r in results
+    )

@@ -93,6 +93,11 @@ class Cascade:
     backend: Backend
     policy: EscalationPolicy
     max_sequences: int = 64
+    #: The second model's own retries and deadline: an escalated request waits at most about
+    #: this long for it before the first verdict is published, marked (and its partition's
+    #: later verdicts, which leave in order, wait no longer than that either). None: the
+    #: guard's policy.
+    retry: RetryPolicy | None = None
 
 
 #: A lookup's answer for one key: the cached verdict (or None), when its batch started, its size.
@@ -435,7 +440,7 @@ class Guard:
             for p in items
         ]
         t0 = time.monotonic()
-        generations, verdicts = await self._run_model(self.backend, items, texts)
+        generations, verdicts = await self._run_model(self.backend, items, texts, self.retry)
         generate_ms = (time.monotonic() - t0) * 1000
         if bt is not None:
             bt.generate(t0, t0 + generate_ms / 1000, [g.tokens for g in generations])
@@ -497,14 +502,18 @@ class Guard:
         return verdict
 
     async def _run_model(
-        self, backend: Backend, items: Sequence[_Pending], texts: list[tuple[str, str | None]]
+        self,
+        backend: Backend,
+        items: Sequence[_Pending],
+        texts: list[tuple[str, str | None]],
+        retry: RetryPolicy,
     ) -> tuple[list[Generation], list[Verdict]]:
         """Generate for `items` on `backend` and parse: prompt-only requests stop at Task 2
         (early exit), and one whose Task 1 cannot be read is generated again in full (greedy:
         the same Task 1, then the final answer block the parser can read)."""
         inputs = [build_model_input(prompt, response) for prompt, response in texts]
         early = [self.early_exit and p.request.response is None for p in items]
-        generations = await self._generate(backend, inputs, early)
+        generations = await self._generate(backend, inputs, early, retry)
         verdicts = [
             self._verdict(gen, p.request.response is not None, quoted, early_exit=cut)
             for p, gen, quoted, cut in zip(items, generations, texts, early, strict=True)
@@ -512,7 +521,7 @@ class Guard:
         again = [i for i, v in enumerate(verdicts) if needs_full_output(v)]
         if again:
             self.stats.regenerated += len(again)
-            full = await self._generate(backend, [inputs[i] for i in again], None)
+            full = await self._generate(backend, [inputs[i] for i in again], None, retry)
             for i, gen in zip(again, full, strict=True):
                 generations[i] = _combined(generations[i], gen)
                 verdicts[i] = self._verdict(gen, False, texts[i], early_exit=False)
@@ -520,7 +529,7 @@ class Guard:
         return generations, verdicts
 
     async def _generate(
-        self, backend: Backend, inputs: list[str], early: list[bool] | None
+        self, backend: Backend, inputs: list[str], early: list[bool] | None, retry: RetryPolicy
     ) -> list[Generation]:
         """Generate under the retry policy (`engine.retry`); `early[i]`: input i stops at Task
         2. Inputs that still fail get error Generations."""
@@ -528,7 +537,7 @@ class Guard:
         if stop is not None and not any(stop):
             stop = None
         return await generate_with_retries(
-            backend, inputs, self.max_new_tokens, stop, policy=self.retry
+            backend, inputs, self.max_new_tokens, stop, policy=retry
         )
 
     # --- the cascade's second model ----------------------------------------------------------
@@ -571,7 +580,9 @@ class Guard:
             for e in items
         ]
         t0 = time.monotonic()
-        generations, verdicts = await self._run_model(second, [e.pending for e in items], texts)
+        retry = self.cascade.retry or self.retry
+        pendings = [e.pending for e in items]
+        generations, verdicts = await self._run_model(second, pendings, texts, retry)
         second_ms = (time.monotonic() - t0) * 1000
         results: list[ModerationResult] = []
         to_store: list[tuple[str, Verdict]] = []

@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     #: Sequences (per-request admission) or batch places the second model gets at once: its
     #: own budget, so that a slow second model holds back only the requests sent to it.
     escalate_max_sequences: int = Field(64, ge=1)
+    #: The second model's retries and per-attempt deadline: an escalated request waits about
+    #: (retries + 1) x timeout at most before the first verdict is published, marked.
+    escalate_retries: int = Field(0, ge=0)
+    escalate_timeout_s: float = Field(30.0, gt=0)
     #: Shadow mode, for a trial before enforcement: every verdict still goes to the verdicts
     #: topic (with `flagged` as it would be), with the header `guardstream-shadow: 1`, but none
     #: to the flagged topic, which is what enforcing consumers read.

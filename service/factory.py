@@ -11,6 +11,7 @@ from engine.backends.base import Backend
 from engine.cache import RedisVerdictCache, VerdictCache
 from engine.cascade import DEFAULT_POLICY, EscalationPolicy
 from engine.guard import BatchHook, Cascade, Guard
+from engine.retry import RetryPolicy
 from service.config import Settings
 
 
@@ -107,8 +108,12 @@ def build_cascade(settings: Settings, second: Backend | None = None) -> Cascade 
         if settings.escalate_policy is not None
         else DEFAULT_POLICY
     )
+    retry = RetryPolicy(retries=settings.escalate_retries, timeout_s=settings.escalate_timeout_s)
     return Cascade(
-        second or build_backend(escalation), policy, max_sequences=settings.escalate_max_sequences
+        second or build_backend(escalation),
+        policy,
+        max_sequences=settings.escalate_max_sequences,
+        retry=retry,
     )
 
 

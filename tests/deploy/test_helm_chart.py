@@ -373,6 +373,7 @@ def test_a_cascade_runs_a_second_model_server_in_either_topology(render: Any) ->
         assert url.hostname == service["metadata"]["name"] and url.path == "/v1"
         assert _env_value(worker, "GUARDSTREAM_ESCALATE_ENGINE") == "openai_http"
         assert _env_value(worker, "GUARDSTREAM_ESCALATE_MODEL_REVISION") == "8b-commit"
+        assert _env_value(worker, "GUARDSTREAM_ESCALATE_TIMEOUT_S") == "30"
         assert _env_value(worker, "GUARDSTREAM_ESCALATE_OPENAI_SERVED_MODEL") == "GuardReasoner-8B"
     external: Render = render(sets=[*on, "cascade.baseUrl=http://big.example:8000/v1"])
     assert external.returncode == 0, external.stderr

@@ -14,6 +14,7 @@ from engine.backends.base import Backend, Batching, Generation, Stops
 from engine.cache import MemoryVerdictCache
 from engine.cascade import DEFAULT_POLICY, EscalationPolicy
 from engine.guard import Cascade, Guard
+from engine.retry import RetryPolicy
 from schemas.verdict import ModerationRequest
 
 CLEAN = (
@@ -152,3 +153,23 @@ async def test_a_draining_close_finishes_the_requests_on_their_way_to_the_second
     assert all(
         r.verdict.escalation and r.verdict.escalation.answered_by == "large" for r in results
     )
+
+
+async def test_a_second_model_past_its_deadline_leaves_the_first_verdict_marked() -> None:
+    first, second = Scripted("small", "unharmful"), Scripted("large", "harmful")
+    second.hold = asyncio.Event()  # never released: the second model hangs
+    deadline = RetryPolicy(retries=0, timeout_s=0.2)
+    guard = Guard(
+        first,
+        cascade=Cascade(second, DEFAULT_POLICY, retry=deadline),
+        max_wait_ms=0,
+        timeout_s=60,  # the first model's deadline is not the second's
+    )
+    await guard.start()
+    async with asyncio.timeout(5):
+        result = await guard.moderate(ModerationRequest(prompt="mumble"))
+    escalation = result.verdict.escalation
+    assert escalation is not None and escalation.answered_by == "small"
+    assert escalation.error == "engine timed out"
+    second.hold.set()
+    await guard.close()

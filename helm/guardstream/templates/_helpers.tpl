@@ -435,6 +435,10 @@ Worker environment: the service's GUARDSTREAM_ settings. Secrets only by referen
 {{- end }}
 - name: GUARDSTREAM_ESCALATE_MAX_SEQUENCES
   value: {{ $c.maxSequences | quote }}
+- name: GUARDSTREAM_ESCALATE_RETRIES
+  value: {{ $c.retries | quote }}
+- name: GUARDSTREAM_ESCALATE_TIMEOUT_S
+  value: {{ $c.timeoutSeconds | quote }}
 {{- end }}
 - name: GUARDSTREAM_ENGINE_MAX_SEQUENCES
   value: {{ include "guardstream.maxSequences" . | quote }}

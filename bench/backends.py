@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from engine.backends.base import Backend, Batching, Generation, Stops
+from engine.backends.base import Backend, Batching, Generation, Stops, per_input_stops
 from engine.backends.replay import approx_tokens
 
 
@@ -57,7 +57,7 @@ class HashReplayBackend(Backend):
     def answers(
         self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
     ) -> list[Generation]:
-        stops = list(stop) if stop is not None else [None] * len(inputs)
+        stops = per_input_stops(stop, len(inputs))
         return [self.answer(x, max_new_tokens, s) for x, s in zip(inputs, stops, strict=True)]
 
     async def generate(

@@ -39,7 +39,7 @@ from tenacity import (
 )
 from tenacity.wait import wait_base
 
-from engine.backends.base import Backend, Generation, Stops
+from engine.backends.base import Backend, Generation, Stops, per_input_stops
 
 log = logging.getLogger("guardstream.retry")
 
@@ -124,7 +124,7 @@ async def generate(
 ) -> list[Generation]:
     """Generate for every input under `policy` (see the module docstring); one Generation per
     input, in order, errors included. Never raises for an engine failure."""
-    stops = list(stop) if stop is not None else [None] * len(inputs)
+    stops = per_input_stops(stop, len(inputs))
     out: list[Generation | None] = [None] * len(inputs)
     pending = list(range(len(inputs)))
     whole_call_failed: str | None = None

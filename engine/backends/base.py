@@ -25,6 +25,19 @@ Batching = Literal["inflight", "static"]
 Stops = Sequence[str | None] | None
 
 
+def per_input_stops(stop: Stops, n: int) -> list[str | None]:
+    """`stop` as one entry per input (all None for `stop=None`); ValueError if it is malformed
+    (another length than the inputs', or an empty string)."""
+    if stop is None:
+        return [None] * n
+    stops = list(stop)
+    if len(stops) != n:
+        raise ValueError(f"stop has {len(stops)} entries for {n} inputs")
+    if any(s == "" for s in stops):
+        raise ValueError("a stop string must not be empty (use None for no stop)")
+    return stops
+
+
 class BackendError(Exception):
     """The backend could not produce output for a whole call (`engine.retry` retries it, then
     the guard applies the failure policy). `retry_after`: a wait the server asked for."""

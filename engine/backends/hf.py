@@ -34,7 +34,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from engine.backends.base import Backend, BackendError, FinishReason, Generation, Stops
+from engine.backends.base import (
+    Backend,
+    BackendError,
+    FinishReason,
+    Generation,
+    Stops,
+    per_input_stops,
+)
 
 Device = Literal["auto", "cpu", "cuda"]
 DType = Literal["auto", "bfloat16", "float16", "float32"]
@@ -224,7 +231,7 @@ class HfBackend(Backend):
     ) -> list[Generation]:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        stops = _check_stops(stop, len(inputs))
+        stops = per_input_stops(stop, len(inputs))
         if not inputs:
             return []
         cancel = threading.Event()
@@ -386,18 +393,6 @@ class HfBackend(Backend):
 
 class _Cancelled(Exception):
     """The call was cancelled: its worker stopped generating, and nobody reads its output."""
-
-
-def _check_stops(stop: Stops, n: int) -> list[str | None]:
-    """`stop` as one entry per input (all None for `stop=None`); ValueError if it is malformed."""
-    if stop is None:
-        return [None] * n
-    stops = list(stop)
-    if len(stops) != n:
-        raise ValueError(f"stop has {len(stops)} entries for {n} inputs")
-    if any(s == "" for s in stops):
-        raise ValueError("a stop string must not be empty (use None for no stop)")
-    return stops
 
 
 #: A stop string's tail window holds this many tokens more than the stop string has bytes. A

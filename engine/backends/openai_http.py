@@ -35,7 +35,14 @@ from typing import Any
 
 import httpx
 
-from engine.backends.base import Backend, BackendError, FinishReason, Generation, Stops
+from engine.backends.base import (
+    Backend,
+    BackendError,
+    FinishReason,
+    Generation,
+    Stops,
+    per_input_stops,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +216,7 @@ class OpenAIHttpBackend(Backend):
     ) -> list[Generation]:
         if self._client is None or self._semaphore is None:
             raise BackendError("OpenAIHttpBackend.generate() called before start()")
-        stops = stop if stop is not None else [None] * len(inputs)
+        stops = per_input_stops(stop, len(inputs))
         # Cancelling this call (the guard's deadline, a shutdown) cancels each request: httpx
         # then closes its connection mid-request, which the server takes as an abort.
         outcomes = await asyncio.gather(

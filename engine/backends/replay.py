@@ -31,7 +31,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from engine.backends.base import Backend, Generation, Stops
+from engine.backends.base import Backend, Generation, Stops, per_input_stops
 
 #: Characters per approximate token.
 CHARS_PER_TOKEN = 4
@@ -81,7 +81,7 @@ class ReplayBackend(Backend):
     async def generate(
         self, inputs: Sequence[str], max_new_tokens: int, stop: Stops = None
     ) -> list[Generation]:
-        stops = _check_stops(stop, len(inputs))
+        stops = per_input_stops(stop, len(inputs))
         generations = [
             self._replay(text, max_new_tokens, until)
             for text, until in zip(inputs, stops, strict=True)
@@ -105,18 +105,6 @@ class ReplayBackend(Backend):
             cut = output[: max(0, max_new_tokens) * CHARS_PER_TOKEN]
             return Generation(text=cut, tokens=approx_tokens(cut), finish_reason="length")
         return Generation(text=output, tokens=tokens, finish_reason="stop")
-
-
-def _check_stops(stop: Stops, n: int) -> list[str | None]:
-    """`stop` as one entry per input (all None for `stop=None`); ValueError if it is malformed."""
-    if stop is None:
-        return [None] * n
-    stops = list(stop)
-    if len(stops) != n:
-        raise ValueError(f"stop has {len(stops)} entries for {n} inputs")
-    if any(s == "" for s in stops):
-        raise ValueError("a stop string must not be empty (use None for no stop)")
-    return stops
 
 
 def _prediction_files(path: Path) -> tuple[Path, ...]:

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from engine.backends.base import Backend, BackendError, Generation, Stops
+from engine.backends.base import Backend, BackendError, Generation, Stops, per_input_stops
 from engine.trtllm_build import build_engine
 from engine.trtllm_manifest import (
     MANIFEST_NAME,
@@ -297,7 +297,7 @@ class TrtllmBackend(Backend):
             raise BackendError("TrtllmBackend.generate() called before start()")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens: expected >= 1")
-        stops = stop if stop is not None else [None] * len(inputs)
+        stops = per_input_stops(stop, len(inputs))
         results: list[Generation | None] = [None] * len(inputs)
         submitted: list[tuple[int, Any]] = []
         # Submit everything first: in-flight batching only sees requests that were submitted.

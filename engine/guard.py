@@ -231,7 +231,19 @@ class Guard:
             on_duplicate=_join_parents if tracer is not None else None,
         )
         self._lookups: MicroBatcher[_Pending, _Looked] | None = None
+        self._stores: MicroBatcher[tuple[str, Verdict], None] | None = None
         if cache is not None:
+            # Stores are coalesced like lookups: with per-request admission every verdict ends
+            # in a model call of its own, and one pipelined write per call would be a Redis
+            # round trip per message. A verdict is stored before its request is answered.
+            self._stores = MicroBatcher(
+                self._store,
+                max_batch_size=max(4 * max_batch_size, 64),
+                max_wait_ms=LOOKUP_WAIT_MS,
+                max_in_flight=LOOKUP_IN_FLIGHT,
+                key=lambda kv: kv[0],
+                name="guard-cache-store",
+            )
             self._lookups = MicroBatcher(
                 self._lookup,
                 max_batch_size=max(4 * max_batch_size, 64),
@@ -285,6 +297,8 @@ class Guard:
                 await asyncio.wait(list(self._forwarding), timeout=timeout)
             await self._escalations.close(drain=drain, timeout=timeout)
             await self.cascade.backend.close()
+        if self._stores is not None:
+            await self._stores.close(drain=drain, timeout=timeout)
         await self.backend.close()
         if self.cache is not None:
             await self.cache.close()
@@ -477,14 +491,27 @@ class Guard:
                     verdict, False, p.key, len(items), wait_ms, generate_ms, gen.tokens, reason
                 )
             )
-        if self.cache is not None and to_store:
+        if to_store:
             t_store = time.monotonic()
-            await self.cache.set_many(to_store)
+            await self._store_all(to_store)
             if bt is not None:
                 bt.cache_store(t_store, time.monotonic(), len(to_store))
         if self._on_batch is not None:
             self._on_batch(len(items), waits, generate_ms)
         return results
+
+    async def _store_all(self, items: list[tuple[str, Verdict]]) -> None:
+        """Store verdicts in the cache (batched with other calls' stores); never raises for a
+        cache failure (the cache drops what it cannot write)."""
+        if self._stores is None or not items:
+            return
+        futures = [await self._stores.submit(item) for item in items]
+        await asyncio.gather(*futures, return_exceptions=True)
+
+    async def _store(self, items: list[tuple[str, Verdict]]) -> list[None]:
+        assert self.cache is not None
+        await self.cache.set_many(items)
+        return [None] * len(items)
 
     def _verdict(
         self,
@@ -637,8 +664,7 @@ class Guard:
                     escalate=None,
                 )
             )
-        if self.cache is not None and to_store:
-            await self.cache.set_many(to_store)
+        await self._store_all(to_store)
         return results
 
 

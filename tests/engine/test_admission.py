@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -127,3 +128,24 @@ async def test_the_engine_never_runs_more_than_the_sequence_budget() -> None:
 def test_a_sequence_budget_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="max_sequences"):
         Guard(InflightEngine(), max_sequences=0)
+
+
+async def test_per_request_calls_share_their_cache_writes() -> None:
+    """Each miss is a model call of its own; their verdicts are still written in few round
+    trips, not one per message."""
+    from engine.cache import MemoryVerdictCache
+
+    class CountingCache(MemoryVerdictCache):
+        writes: list[int] = []
+
+        async def set_many(self, items: Sequence[tuple[str, Any]]) -> None:
+            self.writes.append(len(items))
+            await super().set_many(items)
+
+    cache = CountingCache()
+    guard = Guard(InflightEngine(), cache=cache, max_sequences=64)
+    await guard.start()
+    futures = [await guard.submit(ModerationRequest(prompt=f"short-{i}")) for i in range(20)]
+    await _settle(futures)
+    await guard.close()
+    assert sum(cache.writes) == 20 and len(cache.writes) <= 4, cache.writes
